@@ -1,0 +1,38 @@
+"""Ray plumbing shared by the distributed stages: connecting, and reading the store with Ray Data."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import ray
+import ray.data
+
+from lvm_ray import store
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join a cluster (``auto``, ``ray://...``) or start an embedded local Ray (address None).
+
+    Locally we advertise at least 4 logical CPUs: on a 2-core laptop Ray Data read tasks and
+    Train workers otherwise wait on each other forever.
+    """
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    cpus = num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False)
+    log.info("started a local Ray with %d logical CPUs", cpus)
+
+
+def read_ecg_dataset(root: str, columns: Sequence[str] | None = None) -> ray.data.Dataset:
+    """The dataset's manifested shards as a Ray Dataset (waveforms keep their [12, 5000] shape)."""
+    urls = store.shard_urls(root)
+    if not urls:
+        raise store.StoreError(f"{root} has no shards")
+    return ray.data.read_parquet(urls, columns=list(columns) if columns else None)

@@ -1,0 +1,182 @@
+"""Pure signal handling: raw readings -> the canonical 12 x 5000 int16 microvolt ECG.
+
+No Ray, no I/O. Readers in ``lvm_ray.formats`` produce :class:`RawECG`; :func:`canonicalize`
+turns one into a canonical waveform or a :class:`Rejection` naming the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from fractions import Fraction
+
+import numpy as np
+from scipy.signal import resample_poly
+
+from lvm_ray.schema import (
+    DURATION_S,
+    INDEPENDENT_LEADS,
+    INT16_MAX,
+    INT16_MIN,
+    LEADS,
+    N_SAMPLES,
+    SAMPLE_RATE_HZ,
+)
+
+
+class ECGReadError(ValueError):
+    """A source file could not be read as an ECG; the message is the quarantine reason."""
+
+
+@dataclass
+class RawECG:
+    """One recording as a reader found it: per-lead samples in microvolts at the source rate."""
+
+    signals_uv: dict[str, np.ndarray]
+    sample_rate_hz: float
+    source_format: str
+    source_uri: str
+    ecg_id: str | None = None
+    patient_id: str | None = None
+    ecg_datetime: datetime | None = None
+    age: float | None = None
+    sex: str | None = None  # 'M' / 'F'
+    height_cm: float | None = None
+    weight_kg: float | None = None
+    #: The cart's own measurements, keyed by schema column (cart_r_uv_V5, ...).
+    cart_measurements: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    ecg_id: str | None
+    source_uri: str
+    source_format: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Thresholds of the quality checks (all in microvolts)."""
+
+    #: A lead whose peak-to-peak range is below this is 'flat' (lead off).
+    flat_peak_to_peak_uv: float = 20.0
+    #: A lead spanning more than this is implausible for a surface ECG.
+    max_peak_to_peak_uv: float = 20_000.0
+    #: Fraction of samples pinned at a lead's extreme value that means clipping.
+    saturation_fraction: float = 0.05
+    #: Recordings shorter than this (seconds) are rejected; longer ones keep the first 10 s.
+    min_duration_s: float = DURATION_S - 0.02
+
+
+_LEAD_ALIASES = {
+    "I": "I", "II": "II", "III": "III",
+    "AVR": "aVR", "AVL": "aVL", "AVF": "aVF",
+    "-AVR": None,  # inverted aVR (Cabrera display) is not the canonical lead
+    **{f"V{i}": f"V{i}" for i in range(1, 7)},
+}
+_LEAD_PREFIXES = re.compile(r"^(MDC_ECG_LEAD_|LEAD_|LEAD\s+|ECG_)", re.IGNORECASE)
+
+
+def normalise_lead_name(name: str) -> str:
+    """Map a source's lead label ('AVR', 'aVR', 'V1 ', 'MDC_ECG_LEAD_I', 'Lead II') to canonical.
+
+    Raises ECGReadError for a label that is not one of the 12 standard leads.
+    """
+    key = _LEAD_PREFIXES.sub("", name.strip()).strip().upper()
+    canonical = _LEAD_ALIASES.get(key)
+    if canonical is None:
+        raise ECGReadError(f"unknown lead name {name!r}")
+    return canonical
+
+
+def complete_leads(signals_uv: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Add the limb leads derivable from I and II (III, aVR, aVL, aVF) where a source lacks them."""
+    out = dict(signals_uv)
+    if "I" in out and "II" in out:
+        lead_i = np.asarray(out["I"], dtype=np.float64)
+        lead_ii = np.asarray(out["II"], dtype=np.float64)
+        out.setdefault("III", lead_ii - lead_i)
+        out.setdefault("aVR", -(lead_i + lead_ii) / 2)
+        out.setdefault("aVL", lead_i - lead_ii / 2)
+        out.setdefault("aVF", lead_ii - lead_i / 2)
+    return out
+
+
+def resample_to_canonical(samples: np.ndarray, sample_rate_hz: float) -> np.ndarray:
+    """Resample the last axis to 500 Hz: polyphase interpolation up, anti-aliased decimation down."""
+    samples = np.asarray(samples, dtype=np.float64)
+    if sample_rate_hz == SAMPLE_RATE_HZ:
+        return samples
+    ratio = Fraction(SAMPLE_RATE_HZ) / Fraction(sample_rate_hz).limit_denominator(1000)
+    return resample_poly(samples, ratio.numerator, ratio.denominator, axis=-1, padtype="line")
+
+
+def bsa_mosteller(height_cm: float | np.ndarray, weight_kg: float | np.ndarray) -> float | np.ndarray:
+    """Body surface area (m^2) by Mosteller: sqrt(height_cm * weight_kg / 3600)."""
+    return np.sqrt(np.asarray(height_cm, dtype=float) * np.asarray(weight_kg, dtype=float) / 3600.0)
+
+
+def check_quality(ecg_uv: np.ndarray, config: QualityConfig = QualityConfig()) -> str | None:
+    """Return the reason a canonical-rate float waveform [12, 5000] is unusable, or None."""
+    if ecg_uv.shape != (len(LEADS), N_SAMPLES):
+        return f"wrong shape {tuple(ecg_uv.shape)}, expected {(len(LEADS), N_SAMPLES)}"
+    reasons: list[str] = []
+    nan_leads = [LEADS[i] for i in np.flatnonzero(~np.isfinite(ecg_uv).all(axis=1))]
+    if nan_leads:
+        return f"non-finite samples (NaN/inf) in lead(s) {', '.join(nan_leads)}"
+    peak_to_peak = np.ptp(ecg_uv, axis=1)
+    flat = [LEADS[i] for i in np.flatnonzero(peak_to_peak < config.flat_peak_to_peak_uv)]
+    if flat:
+        reasons.append(f"flat lead(s) {', '.join(flat)} (peak-to-peak < {config.flat_peak_to_peak_uv:g} uV)")
+    out_of_range = [LEADS[i] for i in np.flatnonzero((ecg_uv > INT16_MAX).any(1) | (ecg_uv < INT16_MIN).any(1))]
+    if out_of_range:
+        reasons.append(f"saturation: lead(s) {', '.join(out_of_range)} exceed the int16 microvolt range")
+    else:
+        pinned_hi = (ecg_uv == ecg_uv.max(axis=1, keepdims=True)).mean(axis=1)
+        pinned_lo = (ecg_uv == ecg_uv.min(axis=1, keepdims=True)).mean(axis=1)
+        pinned = np.maximum(pinned_hi, pinned_lo) * (peak_to_peak >= config.flat_peak_to_peak_uv)
+        clipped = [LEADS[i] for i in np.flatnonzero(pinned > config.saturation_fraction)]
+        if clipped:
+            reasons.append(f"saturation: lead(s) {', '.join(clipped)} clipped at their extreme value")
+    huge = [LEADS[i] for i in np.flatnonzero(peak_to_peak > config.max_peak_to_peak_uv)]
+    if huge:
+        reasons.append(
+            f"implausible amplitude in lead(s) {', '.join(huge)} (peak-to-peak > {config.max_peak_to_peak_uv:g} uV)"
+        )
+    return "; ".join(reasons) or None
+
+
+def canonical_waveform(
+    raw: RawECG, config: QualityConfig = QualityConfig()
+) -> tuple[np.ndarray | None, str | None]:
+    """Build the int16 [12, 5000] microvolt waveform from a RawECG, or give the rejection reason."""
+    if not raw.sample_rate_hz or not math.isfinite(raw.sample_rate_hz) or raw.sample_rate_hz <= 0:
+        return None, f"invalid sample rate {raw.sample_rate_hz!r}"
+    signals = complete_leads(raw.signals_uv)
+    missing = [lead for lead in LEADS if lead not in signals]
+    if missing:
+        have_independent = all(lead in raw.signals_uv for lead in INDEPENDENT_LEADS)
+        hint = "" if have_independent else f" (source has {', '.join(raw.signals_uv) or 'no leads'})"
+        return None, f"missing lead(s) {', '.join(missing)}{hint}"
+    lengths = {len(signals[lead]) for lead in LEADS}
+    if len(lengths) != 1:
+        return None, f"leads have different lengths {sorted(lengths)}"
+    n_source = lengths.pop()
+    duration_s = n_source / raw.sample_rate_hz
+    if duration_s < config.min_duration_s:
+        return None, f"too short: {n_source} samples at {raw.sample_rate_hz:g} Hz = {duration_s:.3g} s < {DURATION_S} s"
+    stacked = np.stack([np.asarray(signals[lead], dtype=np.float64) for lead in LEADS])
+    if not np.isfinite(stacked).all():
+        bad = [LEADS[i] for i in np.flatnonzero(~np.isfinite(stacked).all(axis=1))]
+        return None, f"non-finite samples (NaN/inf) in lead(s) {', '.join(bad)}"
+    resampled = resample_to_canonical(stacked, raw.sample_rate_hz)
+    if resampled.shape[1] < N_SAMPLES:  # a recording within min_duration_s of 10 s: pad the edge
+        resampled = np.pad(resampled, ((0, 0), (0, N_SAMPLES - resampled.shape[1])), mode="edge")
+    resampled = resampled[:, :N_SAMPLES]
+    reason = check_quality(resampled, config)
+    if reason:
+        return None, reason
+    return np.rint(resampled).astype(np.int16), None

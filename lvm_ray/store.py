@@ -1,0 +1,314 @@
+"""The canonical ECG store: sharded parquet with a manifest, on any fsspec URL.
+
+Layout of a dataset at ``ROOT`` (a local path, file://, memory://, s3://, gs://, ...)::
+
+    ROOT/manifest.json          shards, row counts, checksums, schema version, summary
+    ROOT/shards/*.parquet       one row per ECG, waveform as fixed-shape int16 [12, 5000] tensor
+    ROOT/quarantine.parquet     rejected records with their reason (always present, maybe empty)
+
+Only shards listed in the manifest belong to the dataset, so a crashed writer that left a
+partial shard behind never leaks it into readers. No Ray here: workers and the driver call
+these functions alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lvm_ray.schema import (
+    QUARANTINE_SCHEMA,
+    SCHEMA_VERSION,
+    WAVEFORM_SHAPE,
+    WAVEFORM_TYPE,
+    shard_schema,
+)
+from lvm_ray.signals import Rejection
+
+MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.parquet"
+SHARD_DIR = "shards"
+
+
+class StoreError(RuntimeError):
+    """A dataset is missing, incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str  # relative to the dataset root
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path.rstrip("/") or path
+
+
+def join_url(root: str, *parts: str) -> str:
+    """Join path parts onto a URL or path without losing its protocol."""
+    return posixpath.join(root.rstrip("/"), *parts)
+
+
+def _write_bytes(url: str, payload: bytes) -> None:
+    fs, path = _fs(url)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(payload)
+
+
+def _read_bytes(url: str) -> bytes:
+    fs, path = _fs(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def waveform_array(ecg: np.ndarray) -> pa.ExtensionArray:
+    """int16 [n, 12, 5000] -> Arrow fixed-shape tensor array (checks shape and dtype)."""
+    ecg = np.asarray(ecg)
+    if ecg.ndim != 3 or ecg.shape[1:] != WAVEFORM_SHAPE:
+        raise ValueError(f"waveforms must be [n, {WAVEFORM_SHAPE[0]}, {WAVEFORM_SHAPE[1]}], got {ecg.shape}")
+    if ecg.dtype != np.int16:
+        raise ValueError(f"waveforms must be int16 microvolts, got {ecg.dtype}")
+    return pa.ExtensionArray.from_storage(
+        WAVEFORM_TYPE, pa.FixedSizeListArray.from_arrays(pa.array(ecg.reshape(-1)), int(np.prod(WAVEFORM_SHAPE)))
+    )
+
+
+def ecg_array(column: pa.ChunkedArray | pa.Array | pa.Table) -> np.ndarray:
+    """The waveform column of a shard table (or the table itself) -> int16 [n, 12, 5000]."""
+    if isinstance(column, pa.Table):
+        column = column.column("ecg")
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks == 0:
+            return np.zeros((0, *WAVEFORM_SHAPE), dtype=np.int16)
+        column = column.combine_chunks()
+    return np.asarray(column.storage.flatten().to_numpy(zero_copy_only=False), dtype=np.int16).reshape(
+        (len(column), *WAVEFORM_SHAPE)
+    )
+
+
+def build_shard_table(metadata: pd.DataFrame | pa.Table, ecg: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """Combine per-ECG metadata and waveforms into a table of exactly ``schema`` (missing -> null)."""
+    if isinstance(metadata, pd.DataFrame):
+        metadata = pa.Table.from_pandas(metadata.reset_index(drop=True), preserve_index=False)
+    n = len(ecg)
+    if metadata.num_rows != n:
+        raise ValueError(f"{metadata.num_rows} metadata rows for {n} waveforms")
+    columns = []
+    for field in schema:
+        if field.name == "ecg":
+            columns.append(waveform_array(ecg))
+        elif field.name in metadata.column_names:
+            try:
+                columns.append(metadata.column(field.name).cast(field.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise ValueError(f"column {field.name!r} cannot be stored as {field.type}: {exc}") from exc
+        else:
+            columns.append(pa.nulls(n, field.type))
+    table = pa.Table.from_arrays(columns, schema=schema)
+    ids = table.column("ecg_id")
+    if ids.null_count:
+        raise ValueError("every ECG needs an ecg_id")
+    return table
+
+
+def write_shard(root: str, table: pa.Table, prefix: str = "part") -> ShardInfo:
+    """Write one shard under ROOT/shards/ with a unique name; return what the manifest needs."""
+    buffer = io.BytesIO()
+    # Waveforms barely compress; zstd level 1 keeps writes fast and metadata small.
+    pq.write_table(table, buffer, compression="zstd", compression_level=1, row_group_size=256)
+    payload = buffer.getvalue()
+    relative = posixpath.join(SHARD_DIR, f"{prefix}-{uuid.uuid4().hex[:12]}.parquet")
+    _write_bytes(join_url(root, relative), payload)
+    return ShardInfo(relative, table.num_rows, len(payload), hashlib.sha256(payload).hexdigest())
+
+
+def rejections_table(rejections: Iterable[Rejection | dict[str, Any]]) -> pa.Table:
+    rows = [asdict(r) if isinstance(r, Rejection) else dict(r) for r in rejections]
+    return pa.Table.from_pylist(
+        [{name: row.get(name) for name in QUARANTINE_SCHEMA.names} for row in rows], schema=QUARANTINE_SCHEMA
+    )
+
+
+def dataset_exists(root: str) -> bool:
+    fs, path = _fs(root)
+    return fs.exists(posixpath.join(path, MANIFEST))
+
+
+def prepare_output(root: str, overwrite: bool) -> None:
+    """Refuse to mix two datasets in one place unless asked to overwrite (then clear the old one)."""
+    fs, path = _fs(root)
+    if dataset_exists(root) or fs.exists(posixpath.join(path, SHARD_DIR)):
+        if not overwrite:
+            raise StoreError(f"{root} already holds a dataset; pass --overwrite to replace it")
+        for name in (SHARD_DIR, MANIFEST, QUARANTINE):
+            target = posixpath.join(path, name)
+            if fs.exists(target):
+                fs.rm(target, recursive=True)
+
+
+def finalize(
+    root: str,
+    schema: pa.Schema,
+    shards: Sequence[ShardInfo],
+    rejections: Iterable[Rejection | dict[str, Any]] = (),
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the quarantine table and the manifest: the dataset becomes readable."""
+    quarantine = rejections_table(rejections)
+    buffer = io.BytesIO()
+    pq.write_table(quarantine, buffer)
+    _write_bytes(join_url(root, QUARANTINE), buffer.getvalue())
+    reasons = pd.Series(quarantine.column("reason").to_pylist(), dtype=object)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "created_unix": time.time(),
+        "n_rows": int(sum(s.rows for s in shards)),
+        "n_quarantined": quarantine.num_rows,
+        "quarantine_by_reason": {str(k): int(v) for k, v in reasons.map(reason_category).value_counts().items()},
+        "columns": [{"name": f.name, "type": str(f.type)} for f in schema],
+        "shards": [asdict(s) for s in sorted(shards, key=lambda s: s.path)],
+        **(extra or {}),
+    }
+    _write_bytes(join_url(root, MANIFEST), json.dumps(manifest, indent=2, default=str).encode())
+    return manifest
+
+
+_REASON_CATEGORIES = (
+    ("too short", "too short"),
+    ("wrong shape", "wrong length"),
+    ("different lengths", "wrong length"),
+    ("missing lead", "missing leads"),
+    ("non-finite", "NaN samples"),
+    ("flat lead", "flat lead"),
+    ("saturation", "saturation"),
+    ("implausible", "implausible amplitude"),
+    ("duplicate", "duplicate ecg_id"),
+    ("sample rate", "invalid sample rate"),
+)
+
+
+def reason_category(reason: str) -> str:
+    """Group a specific rejection reason into a short category for summaries."""
+    lowered = reason.lower()
+    for needle, category in _REASON_CATEGORIES:
+        if needle in lowered:
+            return category
+    return "unreadable file"
+
+
+class DatasetWriter:
+    """Write a dataset from one process: ``write`` each chunk (one shard), then ``close``."""
+
+    def __init__(
+        self, root: str, extra_fields: Sequence[pa.Field] = (), overwrite: bool = True, prefix: str = "part"
+    ) -> None:
+        prepare_output(root, overwrite=overwrite)
+        self.root = root
+        self.schema = shard_schema(extra_fields)
+        self.prefix = prefix
+        self.shards: list[ShardInfo] = []
+        self.rejections: list[Rejection | dict[str, Any]] = []
+
+    def write(self, metadata: pd.DataFrame | pa.Table, ecg: np.ndarray) -> ShardInfo:
+        info = write_shard(self.root, build_shard_table(metadata, ecg, self.schema), prefix=self.prefix)
+        self.shards.append(info)
+        return info
+
+    def quarantine(self, rejections: Iterable[Rejection | dict[str, Any]]) -> None:
+        self.rejections.extend(rejections)
+
+    def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return finalize(self.root, self.schema, self.shards, self.rejections, extra)
+
+
+def read_manifest(root: str) -> dict[str, Any]:
+    if not dataset_exists(root):
+        raise StoreError(f"no dataset at {root} (no {MANIFEST}); create one with `lvm-ray ingest` or `lvm-ray synth`")
+    manifest = json.loads(_read_bytes(join_url(root, MANIFEST)))
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(f"{root} has schema version {manifest.get('schema_version')}, this lvm-ray reads {SCHEMA_VERSION}")
+    return manifest
+
+
+def shard_urls(root: str) -> list[str]:
+    """The dataset's shard URLs, as listed in its manifest."""
+    return [join_url(root, s["path"]) for s in read_manifest(root)["shards"]]
+
+
+def iter_shards(root: str, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    """Yield the dataset one shard at a time (bounded memory)."""
+    for url in shard_urls(root):
+        fs, path = _fs(url)
+        with fs.open(path, "rb") as f:
+            yield pq.read_table(f, columns=list(columns) if columns else None)
+
+
+def read_table(root: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read the whole dataset (or some columns of it) as one table. For small data and tests."""
+    tables = list(iter_shards(root, columns))
+    if not tables:
+        schema = shard_schema()
+        return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def read_quarantine(root: str) -> pd.DataFrame:
+    url = join_url(root, QUARANTINE)
+    fs, path = _fs(url)
+    if not fs.exists(path):
+        return QUARANTINE_SCHEMA.empty_table().to_pandas()
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f).to_pandas()
+
+
+def verify(root: str) -> None:
+    """Check every shard against the manifest's size and checksum; raise StoreError naming the first bad one."""
+    for shard in read_manifest(root)["shards"]:
+        payload = _read_bytes(join_url(root, shard["path"]))
+        if len(payload) != shard["bytes"] or hashlib.sha256(payload).hexdigest() != shard["sha256"]:
+            raise StoreError(f"shard {shard['path']} of {root} does not match its manifest checksum")
+
+
+def write_table(url: str, table: pd.DataFrame | pa.Table) -> None:
+    """Write a small side table (follow-up, predictions summary) as parquet to any URL."""
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    _write_bytes(url, buffer.getvalue())
+
+
+def read_side_table(url: str) -> pd.DataFrame:
+    """Read a CSV or parquet table (labels, follow-up) from any URL."""
+    fs, path = _fs(url)
+    if not fs.exists(path):
+        raise StoreError(f"table not found: {url}")
+    with fs.open(path, "rb") as f:
+        if path.endswith((".csv", ".csv.gz", ".tsv")):
+            return pd.read_csv(f, sep="\t" if path.endswith(".tsv") else ",", compression="infer")
+        return pq.read_table(f).to_pandas()
+
+
+def write_json(url: str, payload: dict[str, Any]) -> None:
+    _write_bytes(url, json.dumps(payload, indent=2, default=str).encode())
+
+
+def read_json(url: str) -> dict[str, Any]:
+    return json.loads(_read_bytes(url))
