@@ -252,12 +252,21 @@ def shard_urls(root: str) -> list[str]:
     return [join_url(root, s["path"]) for s in read_manifest(root)["shards"]]
 
 
+def read_shard(root: str, relative_path: str, columns: Sequence[str] | None = None) -> pa.Table:
+    fs, path = _fs(join_url(root, relative_path))
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=list(columns) if columns else None)
+
+
+def remove(root: str, relative_path: str) -> None:
+    fs, path = _fs(join_url(root, relative_path))
+    fs.rm(path)
+
+
 def iter_shards(root: str, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
     """Yield the dataset one shard at a time (bounded memory)."""
-    for url in shard_urls(root):
-        fs, path = _fs(url)
-        with fs.open(path, "rb") as f:
-            yield pq.read_table(f, columns=list(columns) if columns else None)
+    for shard in read_manifest(root)["shards"]:
+        yield read_shard(root, shard["path"], columns)
 
 
 def read_table(root: str, columns: Sequence[str] | None = None) -> pa.Table:

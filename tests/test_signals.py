@@ -1,0 +1,115 @@
+"""Pure signal handling: lead names, resampling, derived leads, quality checks, LVH arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lvm_ray.lvh import LVHConfig, lv_mass_index, lvh_from_lvmi
+from lvm_ray.schema import LEADS, N_SAMPLES
+from lvm_ray.signals import (
+    ECGReadError,
+    RawECG,
+    bsa_mosteller,
+    canonical_waveform,
+    check_quality,
+    complete_leads,
+    normalise_lead_name,
+    resample_to_canonical,
+)
+
+
+def _raw(fs: float = 500.0, seconds: float = 10.0, leads=LEADS, amplitude: float = 1000.0) -> RawECG:
+    t = np.arange(int(round(fs * seconds))) / fs
+    signals = {lead: amplitude * np.sin(2 * np.pi * (1.0 + 0.1 * i) * t) for i, lead in enumerate(leads)}
+    return RawECG(signals_uv=signals, sample_rate_hz=fs, source_format="test", source_uri="mem")
+
+
+@pytest.mark.parametrize(
+    ("label", "expected"),
+    [("AVR", "aVR"), ("aVR", "aVR"), ("V1 ", "V1"), ("MDC_ECG_LEAD_AVL", "aVL"), ("Lead II", "II"), ("i", "I")],
+)
+def test_lead_names(label, expected):
+    assert normalise_lead_name(label) == expected
+
+
+def test_unknown_lead_name_is_named():
+    with pytest.raises(ECGReadError, match="unknown lead name 'V7'"):
+        normalise_lead_name("V7")
+
+
+def test_derived_leads_follow_einthoven_and_goldberger():
+    rng = np.random.default_rng(0)
+    lead_i, lead_ii = rng.normal(size=100), rng.normal(size=100)
+    full = complete_leads({"I": lead_i, "II": lead_ii})
+    np.testing.assert_allclose(full["I"] + full["III"], full["II"])
+    np.testing.assert_allclose(full["aVR"] + full["aVL"] + full["aVF"], 0, atol=1e-12)
+    np.testing.assert_allclose(full["aVL"], lead_i - lead_ii / 2)
+
+
+@pytest.mark.parametrize("fs", [100.0, 250.0, 1000.0])
+def test_resampling_preserves_a_slow_wave(fs):
+    t = np.arange(int(fs * 10)) / fs
+    wave = 1000 * np.sin(2 * np.pi * 1.3 * t)
+    out = resample_to_canonical(wave, fs)
+    assert out.shape == (N_SAMPLES,)
+    t500 = np.arange(N_SAMPLES) / 500
+    np.testing.assert_allclose(out[50:-50], 1000 * np.sin(2 * np.pi * 1.3 * t500[50:-50]), atol=5)
+
+
+def test_decimation_removes_content_above_the_new_nyquist():
+    fs = 1000.0
+    t = np.arange(10_000) / fs
+    out = resample_to_canonical(500 * np.sin(2 * np.pi * 400 * t), fs)  # 400 Hz aliases without a filter
+    assert np.abs(out[100:-100]).max() < 25
+
+
+def test_canonical_waveform_quantises_and_completes_8_leads():
+    raw = _raw(leads=("I", "II", "V1", "V2", "V3", "V4", "V5", "V6"))
+    wave, reason = canonical_waveform(raw)
+    assert reason is None and wave.dtype == np.int16 and wave.shape == (12, N_SAMPLES)
+    np.testing.assert_allclose(wave[0], raw.signals_uv["I"], atol=0.5)
+    assert np.abs(wave[0].astype(int) + wave[2] - wave[1]).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda r: r.signals_uv.pop("V3"), "missing lead(s) V3"),
+        (lambda r: r.signals_uv["V2"].__setitem__(10, np.nan), "NaN"),
+        (lambda r: r.signals_uv.__setitem__("V4", np.zeros(5000)), "flat lead(s) V4"),
+        (lambda r: r.signals_uv.__setitem__("V5", r.signals_uv["V5"] * 40), "saturation"),
+        (lambda r: r.signals_uv.__setitem__("V1", np.clip(r.signals_uv["V1"], -300, 300)), "clipped"),
+        (lambda r: r.signals_uv.__setitem__("V6", r.signals_uv["V6"] * 12), "implausible amplitude"),
+        (lambda r: [r.signals_uv.__setitem__(k, v[:2000]) for k, v in list(r.signals_uv.items())], "too short"),
+        (lambda r: r.signals_uv.__setitem__("V1", r.signals_uv["V1"][:3000]), "different lengths"),
+    ],
+)
+def test_quality_rejections_name_the_problem(mutate, reason):
+    raw = _raw()
+    mutate(raw)
+    wave, got = canonical_waveform(raw)
+    assert wave is None and reason in got
+
+
+def test_longer_recordings_keep_the_first_ten_seconds():
+    raw = _raw(seconds=11.0)
+    wave, reason = canonical_waveform(raw)
+    assert reason is None
+    np.testing.assert_allclose(wave[3], raw.signals_uv["aVR"][:N_SAMPLES], atol=0.5)
+
+
+def test_check_quality_accepts_clean_signal():
+    assert check_quality(np.stack([_raw().signals_uv[lead] for lead in LEADS])) is None
+
+
+def test_bsa_and_lvh():
+    assert bsa_mosteller(180, 80) == pytest.approx(2.0)
+    lvmi = lv_mass_index(np.array([150.0, 150.0, 100.0, np.nan]), np.array([2.0, 2.0, 2.0, 2.0]))
+    np.testing.assert_allclose(lvmi[:3], [75, 75, 50])
+    lvh = lvh_from_lvmi(np.append(lvmi, 72.0), np.array(["M", "F", "F", "M", "M"], dtype=object))
+    assert lvh[:3].tolist() == [True, True, False] and lvh.isna()[3] and not bool(lvh[4])
+    strict = lvh_from_lvmi(np.array([55.0]), np.array(["F"]), LVHConfig())
+    assert not bool(strict[0])  # strict '>' at exactly the threshold
+    with pytest.raises(ValueError, match="BSA formula"):
+        LVHConfig(bsa_formula="dubois")
