@@ -278,6 +278,16 @@ def read_table(root: str, columns: Sequence[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
+def dataset_schema(root: str) -> pa.Schema:
+    """The shard schema of a dataset (read from its first shard's footer)."""
+    urls = shard_urls(root)
+    if not urls:
+        raise StoreError(f"{root} has no shards")
+    fs, path = _fs(urls[0])
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f)
+
+
 def read_quarantine(root: str) -> pd.DataFrame:
     url = join_url(root, QUARANTINE)
     fs, path = _fs(url)
@@ -321,3 +331,33 @@ def write_json(url: str, payload: dict[str, Any]) -> None:
 
 def read_json(url: str) -> dict[str, Any]:
     return json.loads(_read_bytes(url))
+
+
+def frame_to_arrow(frame: pd.DataFrame, known_types: pa.Schema | None = None) -> pa.Table:
+    """A DataFrame -> Arrow with types fixed by ``known_types`` or the dtype, never by content.
+
+    Batches written separately (one per Ray task) must agree on their schema even when a column
+    happens to be all-null in one of them: booleans stay bool, objects become strings.
+    """
+    arrays, fields = [], []
+    hints = {f.name: f.type for f in known_types} if known_types is not None else {}
+    for name in frame.columns:
+        column = frame[name]
+        kind = column.dtype
+        if name in hints:
+            values = [None if v is pd.NA or v is pd.NaT else v for v in column.astype(object)]
+            arr, typ = pa.array(values, type=hints[name], from_pandas=True), hints[name]
+        elif pd.api.types.is_bool_dtype(kind):
+            arr, typ = pa.array(column.astype("boolean"), type=pa.bool_(), from_pandas=True), pa.bool_()
+        elif pd.api.types.is_float_dtype(kind):
+            arr, typ = pa.array(column.astype("float64"), type=pa.float64(), from_pandas=True), pa.float64()
+        elif pd.api.types.is_integer_dtype(kind):
+            arr, typ = pa.array(column.astype("Int64"), type=pa.int64(), from_pandas=True), pa.int64()
+        elif pd.api.types.is_datetime64_any_dtype(kind):
+            arr, typ = pa.array(column, type=pa.timestamp("us"), from_pandas=True), pa.timestamp("us")
+        else:
+            values = [None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v) for v in column]
+            arr, typ = pa.array(values, type=pa.string()), pa.string()
+        arrays.append(arr)
+        fields.append(pa.field(str(name), typ))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))

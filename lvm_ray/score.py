@@ -1,0 +1,202 @@
+"""Stage `score`: cohort-scale batch prediction with a Ray Data actor pool.
+
+Each actor loads the checkpoint once (the loader is injected, so tests can hand in a tiny
+model) and predicts LV mass, LVMI, LVH and the voltage rules in one pass over the streamed
+shards (``lvm_ray.predict``: the same path the online endpoint uses). Output is a folder of
+parquet parts keyed by ecg_id. Re-running completes what a crashed run left undone and never
+duplicates an ecg_id: ids already present are skipped, and unreadable (half-written) parts
+are removed first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import posixpath
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lvm_ray import store
+from lvm_ray.predict import Predictor
+
+log = logging.getLogger(__name__)
+
+ModelLoader = Callable[[], Predictor]
+#: Columns of the shards that never travel into predictions (the waveform, generator truth).
+_NOT_CARRIED_PREFIXES = ("true_r_uv_", "true_s_uv_")
+SUMMARY_FILE = "_scoring.json"
+PARTS_DIR = "parts"
+
+
+class ScoringError(RuntimeError):
+    """The output folder cannot take these predictions (e.g. another model's are there)."""
+
+
+@dataclass
+class ScoreResult:
+    out: str
+    n_scored: int
+    n_skipped: int
+    n_total: int
+    seconds: float
+    model_version: str
+
+
+def _parts_url(out: str) -> str:
+    return store.join_url(out, PARTS_DIR)
+
+
+def existing_predictions(out: str) -> tuple[set[str], set[str]]:
+    """ecg_ids and model versions already in ``out``; removes parts that cannot be read."""
+    fs, root = fsspec.core.url_to_fs(_parts_url(out))
+    if not fs.exists(root):
+        return set(), set()
+    ids: set[str] = set()
+    versions: set[str] = set()
+    for path in sorted(fs.glob(posixpath.join(root, "*.parquet"))):
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f, columns=["ecg_id", "model_version"])
+        except Exception as exc:  # a part cut short by a crash: its rows are scored again
+            log.warning("removing unreadable prediction part %s (%s)", posixpath.basename(path), exc)
+            fs.rm(path)
+            continue
+        ids.update(table.column("ecg_id").to_pylist())
+        versions.update(table.column("model_version").unique().to_pylist())
+    return ids, versions
+
+
+def read_predictions(out: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """All prediction parts in ``out`` as one DataFrame."""
+    fs, root = fsspec.core.url_to_fs(_parts_url(out))
+    paths = sorted(fs.glob(posixpath.join(root, "*.parquet"))) if fs.exists(root) else []
+    if not paths:
+        raise store.StoreError(f"no predictions in {out}; run `lvm-ray score` first")
+    tables = []
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+
+
+class ScoreBatch:
+    """Ray Data actor: holds one Predictor, turns a batch of shard rows into prediction rows."""
+
+    def __init__(self, loader: ModelLoader, carried: pa.Schema, skip_ids: frozenset[str] = frozenset()) -> None:
+        self.predictor = loader()
+        self.carried = carried
+        self.skip_ids = skip_ids
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ids = np.asarray(batch["ecg_id"], dtype=object)
+        keep = np.array([i not in self.skip_ids for i in ids], dtype=bool)
+        metadata = {name: np.asarray(values)[keep] for name, values in batch.items() if name != "ecg"}
+        ecg = np.asarray(batch["ecg"])[keep]
+        predictions = self.predictor.predict(ecg, metadata)
+        carried = pd.DataFrame({name: metadata[name] for name in self.carried.names if name not in predictions})
+        frame = pd.concat([predictions, carried.reset_index(drop=True)], axis=1)
+        return store.frame_to_arrow(frame, known_types=self.carried)
+
+
+def score(
+    data: str,
+    checkpoint: str,
+    out: str,
+    *,
+    loader: ModelLoader | None = None,
+    batch_size: int = 128,
+    num_actors: int | None = None,
+    use_gpu: bool | None = None,
+    overwrite: bool = False,
+) -> ScoreResult:
+    """Score every ECG of ``data`` with the model at ``checkpoint`` into ``out`` (a folder of parquet).
+
+    The caller connects to Ray first (``lvm_ray.ray_utils.connect``); ``loader`` defaults to
+    loading ``checkpoint``; ``num_actors`` defaults to the cluster's GPUs (one each) or a CPU
+    share.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from lvm_ray.ray_utils import read_ecg_dataset
+
+    started = time.time()
+    manifest = store.read_manifest(data)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = bool(gpus) if use_gpu is None else use_gpu
+    if use_gpu and not gpus:
+        raise ScoringError("--use-gpu was given but the Ray cluster has no GPUs")
+    loader = loader or partial(Predictor.from_checkpoint, checkpoint, use_gpu)
+    version = Predictor.checkpoint_version(checkpoint) if checkpoint else loader().version
+    if overwrite:
+        fs, root = fsspec.core.url_to_fs(out)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+    done_ids, versions = existing_predictions(out)
+    if versions - {version}:
+        raise ScoringError(
+            f"{out} already holds predictions of model {sorted(versions - {version})}; "
+            f"pass --overwrite or choose another --out (this checkpoint is {version})"
+        )
+    n_total = int(manifest["n_rows"])
+    log.info("scoring %d ECGs (%d already scored) with %s", n_total, len(done_ids), version)
+    if len(done_ids) < n_total:
+        dataset = read_ecg_dataset(data)
+        carried = pa.schema(
+            [f for f in store.dataset_schema(data) if f.name != "ecg" and not f.name.startswith(_NOT_CARRIED_PREFIXES)]
+        )
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        actors = num_actors or (gpus if use_gpu else max(1, min(4, cpus // 2)))
+        predictions = dataset.map_batches(
+            ScoreBatch,
+            fn_constructor_kwargs={"loader": loader, "carried": carried, "skip_ids": frozenset(done_ids)},
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=1, max_size=actors),
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=0 if use_gpu else 1,
+        )
+        # min_rows_per_file keeps parts a sensible size; append: earlier parts of a crashed run stay.
+        predictions.write_parquet(_parts_url(out), mode="append", min_rows_per_file=max(batch_size, 1024))
+    scored_ids, _ = existing_predictions(out)
+    result = ScoreResult(
+        out=out,
+        n_scored=len(scored_ids) - len(done_ids),
+        n_skipped=len(done_ids),
+        n_total=n_total,
+        seconds=time.time() - started,
+        model_version=version,
+    )
+    store.write_json(store.join_url(out, SUMMARY_FILE), {**result.__dict__, "data": data, "checkpoint": checkpoint})
+    if len(scored_ids) != n_total:
+        raise ScoringError(f"{len(scored_ids)} of {n_total} ECGs have predictions in {out}; re-run to complete")
+    return result
+
+
+def format_summary(result: ScoreResult) -> str:
+    rate = result.n_scored / result.seconds if result.seconds > 0 else math.nan
+    return (
+        f"score -> {result.out}\n"
+        f"  model        : {result.model_version}\n"
+        f"  ECGs         : {result.n_total} ({result.n_scored} scored now, {result.n_skipped} already there)\n"
+        f"  time         : {result.seconds:.1f} s ({rate:.1f} ECGs/s)"
+    )
+
+
+def predictions_summary(out: str) -> dict[str, Any]:
+    frame = read_predictions(out, columns=["lv_mass_pred_g", "lvh_pred", "lvh_any_rule"])
+    return {
+        "n": len(frame),
+        "lv_mass_pred_mean_g": float(frame.lv_mass_pred_g.mean()),
+        "lvh_pred_prevalence": float(frame.lvh_pred.dropna().astype(bool).mean()),
+        "any_rule_prevalence": float(frame.lvh_any_rule.dropna().astype(bool).mean()),
+    }
