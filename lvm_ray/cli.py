@@ -70,7 +70,9 @@ def ingest(
     ] = None,
     strict: Annotated[bool, typer.Option(help="Exit non-zero if any record was quarantined.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already at --out.")] = False,
-    sample_rate: Annotated[float | None, typer.Option(help="Sample rate (Hz) of .npy sources, which carry none.")] = None,
+    sample_rate: Annotated[
+        float | None, typer.Option(help="Sample rate (Hz) of .npy sources, which carry none.")
+    ] = None,
     ptbxl_rate: Annotated[str, typer.Option(help="PTB-XL records to take: 500, 100, or auto.")] = "auto",
     ptbxl_records: Annotated[
         str | None, typer.Option(help="Folder holding PTB-XL's records100/records500 (default: beside metadata.csv).")
@@ -102,8 +104,13 @@ def ingest(
         connect(address)
     try:
         result = run_ingest(
-            sources, out, labels=labels, options=options, overwrite=overwrite,
-            use_ray=True if address else None, progress=_progress("ingest"),
+            sources,
+            out,
+            labels=labels,
+            options=options,
+            overwrite=overwrite,
+            use_ray=True if address else None,
+            progress=_progress("ingest"),
         )
     except (FileNotFoundError, StoreError, ValueError) as exc:
         _fail(str(exc))

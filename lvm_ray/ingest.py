@@ -111,7 +111,9 @@ def _ptbxl_sources(root_url: str, options: IngestOptions) -> tuple[list[dict[str
     return entries, labels
 
 
-def discover_sources(sources: Sequence[str], options: IngestOptions = IngestOptions()) -> tuple[list[dict], pd.DataFrame | None]:
+def discover_sources(
+    sources: Sequence[str], options: IngestOptions = IngestOptions()
+) -> tuple[list[dict], pd.DataFrame | None]:
     """Expand SOURCE arguments into one entry per recording, plus labels found on the way (PTB-XL)."""
     entries: list[dict[str, Any]] = []
     found_labels: list[pd.DataFrame] = []
@@ -262,7 +264,9 @@ def read_batch(
                 rejections.append(Rejection(forced_id or stem, uri, source_format, str(exc)))
                 continue
             except Exception as exc:  # a reader bug must not lose the rest of the batch
-                rejections.append(Rejection(forced_id or stem, uri, source_format, f"unreadable: {type(exc).__name__}: {exc}"))
+                rejections.append(
+                    Rejection(forced_id or stem, uri, source_format, f"unreadable: {type(exc).__name__}: {exc}")
+                )
                 continue
             ecg_id = forced_id or raw.ecg_id or stem
             wave, reason = canonical_waveform(raw, options.quality)
@@ -289,8 +293,13 @@ def ingest_batch(
         duplicated = meta["ecg_id"].duplicated(keep="first").to_numpy()
         for i in np.flatnonzero(duplicated):
             results.append(
-                {"kind": "reject", "ecg_id": meta.ecg_id[i], "source_uri": meta.source_uri[i],
-                 "source_format": meta.source_format[i], "reason": f"duplicate ecg_id {meta.ecg_id[i]!r}"}
+                {
+                    "kind": "reject",
+                    "ecg_id": meta.ecg_id[i],
+                    "source_uri": meta.source_uri[i],
+                    "source_format": meta.source_format[i],
+                    "reason": f"duplicate ecg_id {meta.ecg_id[i]!r}",
+                }
             )
         keep = ~duplicated
         meta = _apply_labels(meta[keep].reset_index(drop=True), labels)
@@ -318,7 +327,9 @@ def _dedupe_across_shards(out: str, shard_rows: list[dict[str, Any]]) -> tuple[l
             table = store.read_shard(out, info.path)
             mask = pa.array([not d for d in dup])
             for removed in table.filter(pc.invert(mask)).select(["ecg_id", "source_uri", "source_format"]).to_pylist():
-                rejections.append({**removed, "reason": f"duplicate ecg_id {removed['ecg_id']!r} (kept the first copy)"})
+                rejections.append(
+                    {**removed, "reason": f"duplicate ecg_id {removed['ecg_id']!r} (kept the first copy)"}
+                )
             store.remove(out, info.path)
             kept = table.filter(mask)
             if kept.num_rows == 0:
@@ -362,11 +373,18 @@ def ingest(
             if progress:
                 progress(min(start + chunk, len(entries)), len(entries))
     shard_rows = [r for r in results if r["kind"] == "shard"]
-    rejections = [{k: r.get(k) for k in ("ecg_id", "source_uri", "source_format", "reason")} for r in results if r["kind"] == "reject"]
+    rejections = [
+        {k: r.get(k) for k in ("ecg_id", "source_uri", "source_format", "reason")}
+        for r in results
+        if r["kind"] == "reject"
+    ]
     shards, duplicate_rejections = _dedupe_across_shards(out, shard_rows)
     rejections += duplicate_rejections
     manifest = store.finalize(
-        out, schema, shards, rejections,
+        out,
+        schema,
+        shards,
+        rejections,
         extra={"kind": "ingest", "sources": list(sources), "n_sources": len(entries)},
     )
     return IngestResult(

@@ -36,7 +36,9 @@ def lv_mass_index(lv_mass_g: np.ndarray | pd.Series, bsa_m2: np.ndarray | pd.Ser
         return np.where(bsa > 0, mass / bsa, np.nan)
 
 
-def lvh_from_lvmi(lvmi: np.ndarray | pd.Series, sex: np.ndarray | pd.Series, config: LVHConfig = LVHConfig()) -> pd.Series:
+def lvh_from_lvmi(
+    lvmi: np.ndarray | pd.Series, sex: np.ndarray | pd.Series, config: LVHConfig = LVHConfig()
+) -> pd.Series:
     """LVH as a nullable boolean: <NA> where LVMI or sex is unknown."""
     lvmi = np.asarray(lvmi, dtype=float)
     sex_values = pd.Series(np.asarray(sex, dtype=object))

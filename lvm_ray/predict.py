@@ -38,7 +38,7 @@ def model_version(payload: Mapping[str, Any]) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(payload["model_state"].items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).numpy().tobytes())
     epoch = payload.get("epoch")
     return f"{payload.get('package_version')}/{payload.get('preset_name')}/epoch{epoch}/{digest.hexdigest()[:12]}"
 
@@ -103,7 +103,9 @@ class Predictor:
         sex = _column(metadata, "sex", n, object)
         if self.preset.target.task == "regression" and self.target_column == "lv_mass_g":
             bsa = _column(metadata, "bsa_m2", n, float)
-            from_size = body_surface_area(_column(metadata, "height_cm", n, float), _column(metadata, "weight_kg", n, float))
+            from_size = body_surface_area(
+                _column(metadata, "height_cm", n, float), _column(metadata, "weight_kg", n, float)
+            )
             bsa = np.where(np.isfinite(bsa), bsa, from_size)
             frame["lv_mass_pred_g"] = main
             frame["lvmi_pred"] = lv_mass_index(main, bsa)

@@ -117,6 +117,7 @@ def score(
     num_actors: int | None = None,
     use_gpu: bool | None = None,
     overwrite: bool = False,
+    rows_per_file: int = 2048,
 ) -> ScoreResult:
     """Score every ECG of ``data`` with the model at ``checkpoint`` into ``out`` (a folder of parquet).
 
@@ -165,8 +166,8 @@ def score(
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
         )
-        # min_rows_per_file keeps parts a sensible size; append: earlier parts of a crashed run stay.
-        predictions.write_parquet(_parts_url(out), mode="append", min_rows_per_file=max(batch_size, 1024))
+        # Parts of rows_per_file rows: what a crash can lose is bounded by that; append keeps earlier parts.
+        predictions.write_parquet(_parts_url(out), mode="append", min_rows_per_file=rows_per_file)
     scored_ids, _ = existing_predictions(out)
     result = ScoreResult(
         out=out,

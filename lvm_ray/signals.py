@@ -72,8 +72,12 @@ class QualityConfig:
 
 
 _LEAD_ALIASES = {
-    "I": "I", "II": "II", "III": "III",
-    "AVR": "aVR", "AVL": "aVL", "AVF": "aVF",
+    "I": "I",
+    "II": "II",
+    "III": "III",
+    "AVR": "aVR",
+    "AVL": "aVL",
+    "AVF": "aVF",
     "-AVR": None,  # inverted aVR (Cabrera display) is not the canonical lead
     **{f"V{i}": f"V{i}" for i in range(1, 7)},
 }
@@ -149,9 +153,7 @@ def check_quality(ecg_uv: np.ndarray, config: QualityConfig = QualityConfig()) -
     return "; ".join(reasons) or None
 
 
-def canonical_waveform(
-    raw: RawECG, config: QualityConfig = QualityConfig()
-) -> tuple[np.ndarray | None, str | None]:
+def canonical_waveform(raw: RawECG, config: QualityConfig = QualityConfig()) -> tuple[np.ndarray | None, str | None]:
     """Build the int16 [12, 5000] microvolt waveform from a RawECG, or give the rejection reason."""
     if not raw.sample_rate_hz or not math.isfinite(raw.sample_rate_hz) or raw.sample_rate_hz <= 0:
         return None, f"invalid sample rate {raw.sample_rate_hz!r}"

@@ -243,7 +243,9 @@ def read_manifest(root: str) -> dict[str, Any]:
         raise StoreError(f"no dataset at {root} (no {MANIFEST}); create one with `lvm-ray ingest` or `lvm-ray synth`")
     manifest = json.loads(_read_bytes(join_url(root, MANIFEST)))
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(f"{root} has schema version {manifest.get('schema_version')}, this lvm-ray reads {SCHEMA_VERSION}")
+        raise StoreError(
+            f"{root} has schema version {manifest.get('schema_version')}, this lvm-ray reads {SCHEMA_VERSION}"
+        )
     return manifest
 
 
@@ -356,7 +358,9 @@ def frame_to_arrow(frame: pd.DataFrame, known_types: pa.Schema | None = None) ->
         elif pd.api.types.is_datetime64_any_dtype(kind):
             arr, typ = pa.array(column, type=pa.timestamp("us"), from_pandas=True), pa.timestamp("us")
         else:
-            values = [None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v) for v in column]
+            values = [
+                None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v) for v in column
+            ]
             arr, typ = pa.array(values, type=pa.string()), pa.string()
         arrays.append(arr)
         fields.append(pa.field(str(name), typ))

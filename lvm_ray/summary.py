@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from lvm_ray import store
 from lvm_ray.lvh import LVHConfig, lv_mass_index, lvh_from_lvmi
 

@@ -33,14 +33,31 @@ def _broken_inputs(shared_data: Path, folder: Path) -> dict[str, str]:
     (folder / "truncated.dat").write_bytes(dat[:1000])
     # 2. a record missing lead V3 (11 channels)
     keep = [i for i, name in enumerate(record.sig_name) if name.upper() != "V3"]
-    wfdb.wrsamp("missing_v3", fs=500, units=["mV"] * 11, sig_name=[record.sig_name[i] for i in keep],
-                p_signal=record.p_signal[:, keep], fmt=["16"] * 11, adc_gain=[1000.0] * 11, baseline=[0] * 11,
-                write_dir=str(folder))
+    wfdb.wrsamp(
+        "missing_v3",
+        fs=500,
+        units=["mV"] * 11,
+        sig_name=[record.sig_name[i] for i in keep],
+        p_signal=record.p_signal[:, keep],
+        fmt=["16"] * 11,
+        adc_gain=[1000.0] * 11,
+        baseline=[0] * 11,
+        write_dir=str(folder),
+    )
     # 3. NaN samples (stored as WFDB's invalid-sample sentinel)
     with_nan = record.p_signal.copy()
     with_nan[100:200, 7] = np.nan
-    wfdb.wrsamp("with_nan", fs=500, units=["mV"] * 12, sig_name=record.sig_name, p_signal=with_nan,
-                fmt=["16"] * 12, adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(folder))
+    wfdb.wrsamp(
+        "with_nan",
+        fs=500,
+        units=["mV"] * 12,
+        sig_name=record.sig_name,
+        p_signal=with_nan,
+        fmt=["16"] * 12,
+        adc_gain=[1000.0] * 12,
+        baseline=[0] * 12,
+        write_dir=str(folder),
+    )
     # 4. a corrupt header
     (folder / "corrupt_header.hea").write_text("corrupt_header 12 500 five-thousand\nthis is not a signal line\n")
     (folder / "corrupt_header.dat").write_bytes(dat)
@@ -64,8 +81,12 @@ def _broken_inputs(shared_data: Path, folder: Path) -> dict[str, str]:
 def test_ptbxl_with_broken_inputs(shared_data, tmp_path, ray_cluster):
     broken = _broken_inputs(shared_data, tmp_path / "broken")
     out = str(tmp_path / "ds")
-    result = ingest([str(shared_data / "ptbxl"), str(tmp_path / "broken")], out,
-                    options=IngestOptions(ptbxl_rate="500"), use_ray=True)
+    result = ingest(
+        [str(shared_data / "ptbxl"), str(tmp_path / "broken")],
+        out,
+        options=IngestOptions(ptbxl_rate="500"),
+        use_ray=True,
+    )
     meta = pd.read_csv(shared_data / "ptbxl" / "metadata.csv")
     expected_ids = set(meta.loc[meta.path_500hz.notna(), "record_id"].astype(str))
     table = store.read_table(out, columns=["ecg_id", "patient_id", "age", "sex", "lvh", "strat_fold", "original_fs"])
@@ -106,13 +127,26 @@ def test_single_record_round_trip_in_process(tmp_path):
 
 
 def test_labels_join_and_memory_url(tmp_path):
-    labels = pd.DataFrame({"ecg_id": ["00001_hr"], "lv_mass_g": [123.4], "height_cm": [170.0], "weight_kg": [85.0],
-                           "sex": ["male"], "cohort": ["test"]})
+    labels = pd.DataFrame(
+        {
+            "ecg_id": ["00001_hr"],
+            "lv_mass_g": [123.4],
+            "height_cm": [170.0],
+            "weight_kg": [85.0],
+            "sex": ["male"],
+            "cohort": ["test"],
+        }
+    )
     labels_path = tmp_path / "labels.csv"
     labels.to_csv(labels_path, index=False)
     out = "memory://ingest-test/labelled"
-    ingest([str(PTBXL_FIXTURE / "records500" / "00000" / "00001_hr.hea")], out, labels=str(labels_path),
-           overwrite=True, use_ray=False)
+    ingest(
+        [str(PTBXL_FIXTURE / "records500" / "00000" / "00001_hr.hea")],
+        out,
+        labels=str(labels_path),
+        overwrite=True,
+        use_ray=False,
+    )
     frame = store.read_table(out).to_pandas()
     assert frame.loc[0, "lv_mass_g"] == 123.4 and frame.loc[0, "sex"] == "M" and frame.loc[0, "cohort"] == "test"
     assert frame.loc[0, "bsa_m2"] == pytest.approx(np.sqrt(170 * 85 / 3600))
