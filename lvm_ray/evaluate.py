@@ -1,0 +1,541 @@
+"""`lvm-ray evaluate`: predictions + CMR labels -> the paper's accuracy and discrimination metrics.
+
+Reads a predictions table (one parquet file, or a folder of them, on any fsspec URL) that carries
+the CMR labels (lv_mass_g, bsa_m2, sex; the scoring stage passes them through from the shards)
+and writes to DIR:
+
+- ``metrics.json``: {"n", "pearson_r", "pearson_r_ci", "mae_g", "c_statistics", "delong_p"} as
+  fixed by DESIGN.md, plus extras (bland_altman, binary_calls, n_lvh, prevalence, exclusions...).
+- ``table.md`` / ``table.json``: the paper-shaped table (c-statistic with 95% CI, DeLong P against
+  LVM-AI, sensitivity, specificity, PPV, NPV).
+- ``pairs.parquet`` (predicted vs CMR, per ECG) and ``roc.parquet`` (ROC curve of predicted
+  LVMI): what ``lvm_ray.report`` draws, so the report needs nothing but DIR.
+
+CMR LVH is LVMI = lv_mass_g / bsa_m2 over the sex thresholds of :class:`LVHConfig`. LVM-AI LVH
+is recomputed from the predicted LVMI with the *same* configuration (DESIGN.md: "predicted LV mass
+/ BSA over the same thresholds"), so a non-default threshold applies to both sides alike; the
+number of rows where the table's own ``lvh_pred`` disagrees is reported.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import posixpath
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sklearn.metrics import roc_curve
+
+from lvm_ray.lvh import LVHConfig, lv_mass_index, lvh_from_lvmi
+from lvm_ray.stats import (
+    auc_ci,
+    binary_call_metrics,
+    bland_altman,
+    delong_paired_test,
+    mae,
+    pearson_r_ci,
+)
+
+#: Binary rule calls the paper compares with LVM-AI: metric NAME -> predictions column.
+RULES: dict[str, str] = {
+    "sokolow_lyon": "lvh_sokolow_lyon",
+    "cornell": "lvh_cornell",
+    "avl": "lvh_avl",
+    "any_rule": "lvh_any_rule",
+}
+#: Further rules the rules stage may provide; reported under extra keys when present.
+EXTRA_RULES: dict[str, str] = {"cornell_product": "lvh_cornell_product", "peguero": "lvh_peguero"}
+C_STATISTIC_NAMES: tuple[str, ...] = ("lvm_ai_lvmi", "lvm_ai_lvh", *RULES)
+DISPLAY_NAMES: dict[str, str] = {
+    "lvm_ai_lvmi": "LVM-AI (predicted LVMI, continuous)",
+    "lvm_ai_lvh": "LVM-AI LVH",
+    "sokolow_lyon": "Sokolow-Lyon",
+    "cornell": "Cornell voltage",
+    "avl": "Lead aVL",
+    "any_rule": "Any ECG rule",
+    "cornell_product": "Cornell product",
+    "peguero": "Peguero-Lo Presti",
+}
+#: Columns evaluate must have (the labels travel with the predictions).
+REQUIRED_COLUMNS: tuple[str, ...] = ("ecg_id", "lv_mass_pred_g", "lv_mass_g", "bsa_m2", "sex")
+
+METRICS_JSON = "metrics.json"
+TABLE_MD = "table.md"
+TABLE_JSON = "table.json"
+PAIRS_PARQUET = "pairs.parquet"
+ROC_PARQUET = "roc.parquet"
+
+
+# --------------------------------------------------------------------------------------------
+# I/O helpers (shared with outcomes and report)
+# --------------------------------------------------------------------------------------------
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path.rstrip("/") or path
+
+
+def out_url(root: str, name: str) -> str:
+    return posixpath.join(root.rstrip("/"), name)
+
+
+def write_bytes(url: str, payload: bytes) -> None:
+    fs, path = _fs(url)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(payload)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = _fs(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def exists(url: str) -> bool:
+    fs, path = _fs(url)
+    return bool(fs.exists(path))
+
+
+def jsonable(value: Any) -> Any:
+    """numpy scalars -> Python, NaN/inf -> None (strict JSON), tuples -> lists, recursively."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return value
+
+
+def write_json(url: str, payload: dict[str, Any]) -> None:
+    write_bytes(url, json.dumps(jsonable(payload), indent=2, allow_nan=False).encode())
+
+
+def read_json(url: str) -> dict[str, Any]:
+    return json.loads(read_bytes(url))
+
+
+def write_parquet(url: str, frame: pd.DataFrame) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False), buffer)
+    write_bytes(url, buffer.getvalue())
+
+
+def read_parquet(url: str) -> pd.DataFrame:
+    fs, path = _fs(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f).to_pandas()
+
+
+def read_table_any(source: str | pd.DataFrame, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """A DataFrame, a parquet/CSV file, or a folder of parquet files (any fsspec URL) -> DataFrame.
+
+    A folder is read file by file and concatenated with permissive type promotion, because
+    writers such as Ray Data may give a column null type in one file and a real type in another.
+    Files whose name starts with '_' or '.' (e.g. _SUCCESS) are ignored, and so is a store's
+    quarantine.parquet. ``columns``: read only those that exist (others are simply absent).
+    """
+    if isinstance(source, pd.DataFrame):
+        frame = source.copy()
+        return frame[[c for c in columns if c in frame.columns]] if columns is not None else frame
+    fs, path = _fs(str(source))
+    if not fs.exists(path):
+        raise FileNotFoundError(f"predictions/table not found: {source}")
+    if fs.isdir(path):
+        files = sorted(
+            p
+            for p in fs.find(path)
+            if p.endswith(".parquet")
+            and not posixpath.basename(p).startswith(("_", "."))
+            and posixpath.basename(p) != "quarantine.parquet"
+        )
+        if not files:
+            raise FileNotFoundError(f"no parquet files under {source}")
+    else:
+        files = [path]
+    tables = []
+    for file in files:
+        if file.endswith((".csv", ".csv.gz", ".tsv")):
+            with fs.open(file, "rb") as f:
+                frame = pd.read_csv(f, sep="\t" if file.endswith(".tsv") else ",", compression="infer")
+            tables.append(pa.Table.from_pandas(frame, preserve_index=False))
+            continue
+        with fs.open(file, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            wanted = [c for c in columns if c in names] if columns is not None else None
+            tables.append(pf.read(columns=wanted))
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    frame = table.to_pandas()
+    if columns is not None:
+        frame = frame[[c for c in columns if c in frame.columns]]
+    return frame
+
+
+def normalise_sex(values: pd.Series) -> pd.Series:
+    """'M'/'F' from common spellings (M, male, F, female, W, woman; any case); None otherwise."""
+    mapping = {"M": "M", "MALE": "M", "MAN": "M", "F": "F", "FEMALE": "F", "W": "F", "WOMAN": "F"}
+    return values.map(lambda v: mapping.get(v.strip().upper()) if isinstance(v, str) else None).astype(object)
+
+
+def _nullable_bool(series: pd.Series) -> pd.Series:
+    """Any boolean-ish column (bool, boolean, object with None, 0/1 floats) -> pandas 'boolean'."""
+    if series.dtype == "boolean":
+        return series
+    if series.dtype == bool:
+        return series.astype("boolean")
+    values = series.astype(object).where(series.notna(), None)
+    return pd.Series(pd.array([None if v is None else bool(v) for v in values], dtype="boolean"), index=series.index)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+PREDICTION_COLUMNS: tuple[str, ...] = (
+    "ecg_id",
+    "patient_id",
+    "lv_mass_pred_g",
+    "lvmi_pred",
+    "lvh_pred",
+    "lvh_prob",
+    "sokolow_lyon_uv",
+    "cornell_uv",
+    "ravl_uv",
+    *RULES.values(),
+    *EXTRA_RULES.values(),
+    "model_preset",
+    "model_version",
+    "lv_mass_g",
+    "bsa_m2",
+    "sex",
+    "age",
+)
+
+
+def prepare_evaluation_frame(
+    frame: pd.DataFrame, lvh_config: LVHConfig = LVHConfig()
+) -> tuple[pd.DataFrame, dict[str, int], int]:
+    """Derive CMR LVMI/LVH and predicted LVMI/LVH; drop (and count) rows that cannot be evaluated.
+
+    Returns (analysis frame, exclusions by reason, number of rows where the table's own
+    lvh_pred disagrees with the recomputed one).
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"the predictions table lacks {missing}: evaluate needs the CMR labels (lv_mass_g, bsa_m2, sex) "
+            "carried through scoring beside ecg_id and lv_mass_pred_g"
+        )
+    df = frame.reset_index(drop=True).copy()
+    exclusions: dict[str, int] = {}
+    duplicated = df["ecg_id"].duplicated(keep="first")
+    if duplicated.any():
+        exclusions["duplicate_ecg_id"] = int(duplicated.sum())
+        df = df.loc[~duplicated].reset_index(drop=True)
+    df["sex"] = normalise_sex(df["sex"])
+    for column in ("lv_mass_g", "bsa_m2", "lv_mass_pred_g"):
+        df[column] = pd.to_numeric(df[column], errors="coerce").astype(float)
+    df["lvmi"] = lv_mass_index(df["lv_mass_g"], df["bsa_m2"])
+    recomputed = lv_mass_index(df["lv_mass_pred_g"], df["bsa_m2"])
+    if "lvmi_pred" in df.columns:
+        given = pd.to_numeric(df["lvmi_pred"], errors="coerce").astype(float).to_numpy()
+        df["lvmi_pred"] = np.where(np.isfinite(given), given, recomputed)
+    else:
+        df["lvmi_pred"] = recomputed
+    df["lvh"] = lvh_from_lvmi(df["lvmi"], df["sex"], lvh_config).array
+    lvh_pred = lvh_from_lvmi(df["lvmi_pred"], df["sex"], lvh_config)
+    mismatch = 0
+    if "lvh_pred" in df.columns:
+        given_call = _nullable_bool(df["lvh_pred"]).reset_index(drop=True)
+        both = given_call.notna() & lvh_pred.notna()
+        mismatch = int((given_call[both] != lvh_pred[both]).sum())
+    df["lvh_pred"] = lvh_pred.array
+
+    # Exclusion reasons in order; each row counted once, under the first reason that applies.
+    reasons = [
+        ("missing_lv_mass_g", ~np.isfinite(df["lv_mass_g"].to_numpy())),
+        ("missing_bsa_m2", ~(np.isfinite(df["bsa_m2"].to_numpy()) & (df["bsa_m2"].to_numpy() > 0))),
+        ("missing_sex", df["sex"].isna().to_numpy()),
+        ("missing_prediction", ~np.isfinite(df["lv_mass_pred_g"].to_numpy()) | ~np.isfinite(df["lvmi_pred"])),
+    ]
+    excluded = np.zeros(len(df), dtype=bool)
+    for name, mask in reasons:
+        new = mask & ~excluded
+        if new.any():
+            exclusions[name] = int(new.sum())
+        excluded |= mask
+    return df.loc[~excluded].reset_index(drop=True), exclusions, mismatch
+
+
+def _rule_call(df: pd.DataFrame, column: str) -> pd.Series | None:
+    if column not in df.columns:
+        return None
+    return _nullable_bool(df[column]).reset_index(drop=True)
+
+
+def _c_statistic(y: np.ndarray, score: np.ndarray, ci_method: str) -> dict[str, Any]:
+    res = auc_ci(y, score, method=ci_method)
+    return {"auc": res["auc"], "ci": res["ci"], "se": res["se"], "n": res["n"], "n_lvh": res["n_pos"]}
+
+
+def _unavailable(reason: str) -> dict[str, Any]:
+    return {"auc": None, "ci": [None, None], "n": 0, "note": reason}
+
+
+def compute_metrics(df: pd.DataFrame, ci_method: str = "plain") -> tuple[dict[str, Any], pd.DataFrame]:
+    """All metrics on an analysis frame from :func:`prepare_evaluation_frame`; also the ROC curve."""
+    y = df["lvh"].to_numpy(dtype=bool)
+    r, r_ci, n = pearson_r_ci(df["lv_mass_pred_g"], df["lv_mass_g"])
+    metrics: dict[str, Any] = {
+        "n": int(len(df)),
+        "pearson_r": r,
+        "pearson_r_ci": list(r_ci),
+        "mae_g": mae(df["lv_mass_pred_g"], df["lv_mass_g"]),
+        "c_statistics": {},
+        "delong_p": {},
+    }
+    n_lvh = int(y.sum())
+    both_classes = 0 < n_lvh < len(y)
+    lvmi_pred = df["lvmi_pred"].to_numpy(dtype=float)
+    lvh_pred = df["lvh_pred"].to_numpy(dtype=bool)
+    c_stats: dict[str, Any] = {}
+    delong_p: dict[str, Any] = {"lvm_ai_lvmi": None}
+    delong_detail: dict[str, Any] = {}
+    delong_p_lvh: dict[str, Any] = {}
+    binary_calls: dict[str, Any] = {}
+    c_extra: dict[str, Any] = {}
+
+    if both_classes:
+        c_stats["lvm_ai_lvmi"] = _c_statistic(y, lvmi_pred, ci_method)
+        c_stats["lvm_ai_lvh"] = _c_statistic(y, lvh_pred.astype(float), ci_method)
+        test = delong_paired_test(y, lvmi_pred, lvh_pred.astype(float))
+        delong_p["lvm_ai_lvh"] = test["p"]
+        delong_detail["lvm_ai_lvh"] = test
+    else:
+        note = f"CMR LVH has a single class ({n_lvh} of {len(y)} with LVH): no discrimination to measure"
+        c_stats["lvm_ai_lvmi"] = _unavailable(note)
+        c_stats["lvm_ai_lvh"] = _unavailable(note)
+        delong_p["lvm_ai_lvh"] = None
+    binary_calls["lvm_ai_lvh"] = {**binary_call_metrics(y, lvh_pred).to_dict(), "column": "lvh_pred"}
+
+    for name, column in {**RULES, **EXTRA_RULES}.items():
+        extra = name in EXTRA_RULES
+        target_c = c_extra if extra else c_stats
+        call = _rule_call(df, column)
+        if call is None:
+            if not extra:
+                target_c[name] = _unavailable(f"column {column} not in the predictions")
+                delong_p[name] = None
+            continue
+        known = call.notna().to_numpy()
+        flag = call[known].to_numpy(dtype=bool)
+        yk = y[known]
+        binary_calls[name] = {
+            **binary_call_metrics(yk, flag).to_dict(),
+            "column": column,
+            "n_not_measurable": int((~known).sum()),
+        }
+        if 0 < yk.sum() < len(yk):
+            # A 0/1 score's ROC AUC is (sens + spec) / 2, so DeLong on the flag is the paper's c-statistic.
+            target_c[name] = {
+                **_c_statistic(yk, flag.astype(float), ci_method),
+                "n_not_measurable": int((~known).sum()),
+            }
+            test = delong_paired_test(yk, lvmi_pred[known], flag.astype(float))
+            test_lvh = delong_paired_test(yk, lvh_pred[known].astype(float), flag.astype(float))
+            if extra:
+                c_extra[name]["delong_p_vs_lvm_ai_lvmi"] = test["p"]
+            else:
+                delong_p[name] = test["p"]
+                delong_detail[name] = test
+                delong_p_lvh[name] = test_lvh["p"]
+        else:
+            target_c[name] = _unavailable("CMR LVH has a single class among ECGs where this rule is measurable")
+            if not extra:
+                delong_p[name] = None
+
+    if "lvh_prob" in df.columns:
+        prob = pd.to_numeric(df["lvh_prob"], errors="coerce").to_numpy(dtype=float)
+        ok = np.isfinite(prob)
+        if ok.any() and 0 < y[ok].sum() < ok.sum():
+            c_extra["lvm_ai_prob"] = _c_statistic(y[ok], prob[ok], ci_method)
+
+    metrics["c_statistics"] = {name: c_stats[name] for name in C_STATISTIC_NAMES}
+    metrics["delong_p"] = {name: delong_p.get(name) for name in C_STATISTIC_NAMES}
+    metrics.update(
+        {
+            "n_lvh": n_lvh,
+            "prevalence": n_lvh / len(y) if len(y) else float("nan"),
+            "pearson_r_n": n,
+            "bland_altman": bland_altman(df["lv_mass_pred_g"], df["lv_mass_g"]),
+            "binary_calls": binary_calls,
+            "delong_reference": "lvm_ai_lvmi",
+            "delong_tests": delong_detail,
+            "delong_p_lvm_ai_lvh_vs_rules": delong_p_lvh,
+            "c_statistics_extra": c_extra,
+            "ci_method": f"DeLong, {ci_method} (Wald on the AUC scale)" if ci_method == "plain" else "DeLong, logit",
+            "lv_mass_cmr_mean_g": float(df["lv_mass_g"].mean()) if len(df) else None,
+            "lv_mass_pred_mean_g": float(df["lv_mass_pred_g"].mean()) if len(df) else None,
+        }
+    )
+    if both_classes:
+        fpr, tpr, thr = roc_curve(y, lvmi_pred, drop_intermediate=True)
+        roc = pd.DataFrame({"name": "lvm_ai_lvmi", "fpr": fpr, "tpr": tpr, "threshold": thr})
+    else:
+        roc = pd.DataFrame({"name": pd.Series(dtype=str), "fpr": [], "tpr": [], "threshold": []})
+    return metrics, roc
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def _fmt_p(p: Any) -> str:
+    if p is None or (isinstance(p, float) and not math.isfinite(p)):
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}" if p < 0.1 else f"{p:.2f}"
+
+
+def _fmt_pct_ci(value: Any, ci: Any) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    lo, hi = ci if ci else (None, None)
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{100 * value:.1f}%"
+    return f"{100 * value:.1f}% ({100 * lo:.1f}-{100 * hi:.1f})"
+
+
+def paper_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the paper-shaped table: one per ECG method, formatted strings plus raw numbers."""
+    rows = []
+    c_all = {**metrics["c_statistics"], **metrics.get("c_statistics_extra", {})}
+    for name in (*C_STATISTIC_NAMES, *EXTRA_RULES):
+        c = c_all.get(name)
+        if c is None:
+            continue
+        calls = metrics["binary_calls"].get(name, {})
+        auc, ci = c.get("auc"), c.get("ci") or [None, None]
+        p = "ref" if name == "lvm_ai_lvmi" else _fmt_p(metrics["delong_p"].get(name, c.get("delong_p_vs_lvm_ai_lvmi")))
+        rows.append(
+            {
+                "name": name,
+                "method": DISPLAY_NAMES.get(name, name),
+                "c_statistic": f"{_fmt(auc)} ({_fmt(ci[0])}-{_fmt(ci[1])})" if auc is not None else "-",
+                "p_vs_lvm_ai": p,
+                "sensitivity": _fmt_pct_ci(calls.get("sensitivity"), calls.get("sensitivity_ci")),
+                "specificity": _fmt_pct_ci(calls.get("specificity"), calls.get("specificity_ci")),
+                "ppv": _fmt_pct_ci(calls.get("ppv"), calls.get("ppv_ci")),
+                "npv": _fmt_pct_ci(calls.get("npv"), calls.get("npv_ci")),
+                "auc": auc,
+                "ci": ci,
+            }
+        )
+    return rows
+
+
+TABLE_HEADERS = (
+    ("method", "ECG method"),
+    ("c_statistic", "c-statistic (95% CI)"),
+    ("p_vs_lvm_ai", "P (DeLong vs LVM-AI LVMI)"),
+    ("sensitivity", "Sensitivity (95% CI)"),
+    ("specificity", "Specificity (95% CI)"),
+    ("ppv", "PPV (95% CI)"),
+    ("npv", "NPV (95% CI)"),
+)
+
+
+def table_markdown(metrics: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    r_ci = metrics["pearson_r_ci"]
+    lines = [
+        f"# LVM-AI evaluation (n = {metrics['n']}, CMR LVH {metrics['n_lvh']}, "
+        f"prevalence {_fmt_pct_ci(metrics['prevalence'], None)})",
+        "",
+        f"Pearson r (predicted vs CMR LV mass) = {_fmt(metrics['pearson_r'])} "
+        f"({_fmt(r_ci[0])}-{_fmt(r_ci[1])}); MAE = {_fmt(metrics['mae_g'], 1)} g.",
+        "",
+        "| " + " | ".join(h for _, h in TABLE_HEADERS) + " |",
+        "|" + "|".join("---" for _ in TABLE_HEADERS) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row[k]) for k, _ in TABLE_HEADERS) + " |")
+    lines += [
+        "",
+        "c-statistics with 95% CIs by DeLong; for a binary call c = (sensitivity + specificity) / 2. "
+        "P: paired DeLong test against the continuous LVM-AI prediction (predicted LVMI). "
+        "Proportions with Wilson 95% CIs.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _unique_values(df: pd.DataFrame, column: str) -> list[str]:
+    if column not in df.columns:
+        return []
+    return sorted({str(v) for v in df[column].dropna().unique()})
+
+
+def evaluate(
+    predictions: str | pd.DataFrame,
+    out: str,
+    lvh_config: LVHConfig = LVHConfig(),
+    ci_method: str = "plain",
+) -> dict[str, Any]:
+    """Evaluate predictions against CMR labels; write metrics.json, tables and plot data to ``out``.
+
+    ``predictions``: a DataFrame, or a parquet file / folder of parquet files on any fsspec URL,
+    with at least ecg_id, lv_mass_pred_g, lv_mass_g, bsa_m2 and sex (ValueError naming what is
+    missing otherwise); lvmi_pred, lvh_prob, the rule flags, model_preset and model_version are
+    used where present. Rows with a missing label or prediction are excluded and counted
+    ("n_excluded", "exclusions"). Returns the metrics dict (as written to metrics.json).
+    """
+    raw = read_table_any(predictions, columns=None if isinstance(predictions, pd.DataFrame) else PREDICTION_COLUMNS)
+    n_input = len(raw)
+    df, exclusions, mismatch = prepare_evaluation_frame(raw, lvh_config)
+    metrics, roc = compute_metrics(df, ci_method=ci_method)
+    metrics.update(
+        {
+            "n_input": n_input,
+            "n_excluded": int(sum(exclusions.values())),
+            "exclusions": exclusions,
+            "lvh_pred_recomputed_mismatch": mismatch,
+            "lvh_thresholds_g_m2": dict(lvh_config.thresholds_g_m2),
+            "lvh_definition": "LVMI = LV mass / BSA (Mosteller) strictly above the sex threshold",
+            "model_preset": _unique_values(raw, "model_preset"),
+            "model_version": _unique_values(raw, "model_version"),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": predictions if isinstance(predictions, str) else "DataFrame",
+        }
+    )
+    rows = paper_table(jsonable(metrics))
+    write_json(out_url(out, METRICS_JSON), metrics)
+    write_json(out_url(out, TABLE_JSON), {"columns": dict(TABLE_HEADERS), "rows": rows})
+    write_bytes(out_url(out, TABLE_MD), table_markdown(jsonable(metrics), rows).encode())
+    pair_columns = ["ecg_id", "sex", "lv_mass_g", "lv_mass_pred_g", "bsa_m2", "lvmi", "lvmi_pred", "lvh", "lvh_pred"]
+    pairs = df[pair_columns].copy()
+    pairs["lvh"] = pairs["lvh"].astype(bool)
+    pairs["lvh_pred"] = pairs["lvh_pred"].astype(bool)
+    write_parquet(out_url(out, PAIRS_PARQUET), pairs)
+    write_parquet(out_url(out, ROC_PARQUET), roc)
+    return jsonable(metrics)

@@ -1,0 +1,501 @@
+"""`lvm-ray report`: the evaluation (and outcome) results as ONE self-contained HTML file.
+
+Reads only what :func:`lvm_ray.evaluate.evaluate` wrote to ``--eval DIR`` (metrics.json,
+table.json, pairs.parquet, roc.parquet) and, optionally, what :func:`lvm_ray.outcomes.outcomes`
+wrote to ``--outcomes DIR`` (outcomes.json, outcomes_meta.json, cumulative_incidence.parquet).
+Figures are matplotlib PNGs embedded as base64 data URIs; CSS is inline; there is no script and
+no external resource, so the file can be mailed, archived or opened offline.
+
+Matplotlib is used through ``Figure`` + the Agg canvas directly, not pyplot: no global backend
+switch, no figure manager, safe to call from a worker thread or a server.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+from lvm_ray.evaluate import (
+    DISPLAY_NAMES,
+    METRICS_JSON,
+    PAIRS_PARQUET,
+    ROC_PARQUET,
+    TABLE_HEADERS,
+    TABLE_JSON,
+    exists,
+    out_url,
+    read_json,
+    read_parquet,
+    write_bytes,
+)
+from lvm_ray.outcomes import (
+    CUMULATIVE_INCIDENCE_PARQUET,
+    OUTCOME_NAMES,
+    OUTCOMES_JSON,
+    OUTCOMES_META_JSON,
+)
+
+#: Scatter plots switch to hexagonal binning above this many points (readable and small).
+HEXBIN_ABOVE = 5000
+RULE_MARKERS = {"lvm_ai_lvh": "*", "sokolow_lyon": "o", "cornell": "s", "avl": "^", "any_rule": "D"}
+LVH_COLOURS = {"lvh": "#c0392b", "no_lvh": "#2c7fb8"}
+
+CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; background: #fff; line-height: 1.4; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { font-size: 1.25em; border-bottom: 2px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
+.meta { color: #555; font-size: 0.95em; }
+.meta span { margin-right: 1.5em; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; }
+th { background: #f0f3f6; }
+tr:nth-child(even) td { background: #fafafa; }
+.figs { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0.5em 0; }
+figcaption { font-size: 0.85em; color: #555; max-width: 520px; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+.note { color: #8a6d3b; background: #fcf8e3; padding: 0.4em 0.8em; border-radius: 4px; }
+.small { font-size: 0.85em; color: #555; }
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _p(value: Any) -> str:
+    if value is None:
+        return "-"
+    return "&lt;0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _hr(hr: Any, ci: Any) -> str:
+    if hr is None or not ci or ci[0] is None:
+        return "-"
+    return f"{hr:.2f} ({ci[0]:.2f}-{ci[1]:.2f})"
+
+
+def _thresholds(thresholds: Any) -> str:
+    if not isinstance(thresholds, dict):
+        return "the configured thresholds"
+    return f"{_num(thresholds.get('M'), 0)} g/m&sup2; in men, {_num(thresholds.get('F'), 0)} g/m&sup2; in women"
+
+
+def _png(fig: Figure) -> str:
+    """Render a Figure with the Agg canvas and return it as a base64 string."""
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", facecolor="white")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure_html(fig_id: str, alt: str, fig: Figure, caption: str) -> str:
+    return (
+        f'<figure><img id="{_esc(fig_id)}" alt="{_esc(alt)}" src="data:image/png;base64,{_png(fig)}">'
+        f"<figcaption>{_esc(caption)}</figcaption></figure>"
+    )
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    """A table; cells are already HTML (escape before passing)."""
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def scatter_figure(pairs: pd.DataFrame, metrics: dict[str, Any]) -> Figure:
+    fig = Figure(figsize=(5.2, 5.0))
+    ax = fig.add_subplot()
+    x, y = pairs["lv_mass_g"].to_numpy(float), pairs["lv_mass_pred_g"].to_numpy(float)
+    if len(x) > HEXBIN_ABOVE:
+        hb = ax.hexbin(x, y, gridsize=60, bins="log", cmap="viridis", mincnt=1)
+        fig.colorbar(hb, ax=ax, label="ECGs (log scale)")
+    else:
+        ax.scatter(x, y, s=6, alpha=0.45, color="#2c7fb8", edgecolors="none")
+    lo = float(np.nanmin([x.min(), y.min()])) if len(x) else 0.0
+    hi = float(np.nanmax([x.max(), y.max()])) if len(x) else 1.0
+    ax.plot([lo, hi], [lo, hi], color="#444", lw=1, ls="--", label="identity")
+    r, ci = metrics.get("pearson_r"), metrics.get("pearson_r_ci") or [None, None]
+    ax.text(
+        0.04,
+        0.96,
+        f"r = {_num(r)} ({_num(ci[0])}-{_num(ci[1])})\nMAE = {_num(metrics.get('mae_g'), 1)} g\nn = {len(x)}",
+        transform=ax.transAxes,
+        va="top",
+        fontsize=10,
+        bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "#ccc"},
+    )
+    ax.set_xlabel("CMR LV mass (g)")
+    ax.set_ylabel("LVM-AI predicted LV mass (g)")
+    ax.set_title("Predicted vs CMR LV mass")
+    ax.legend(loc="lower right", fontsize=9)
+    return fig
+
+
+def bland_altman_figure(pairs: pd.DataFrame, metrics: dict[str, Any]) -> Figure:
+    fig = Figure(figsize=(5.2, 5.0))
+    ax = fig.add_subplot()
+    ref, pred = pairs["lv_mass_g"].to_numpy(float), pairs["lv_mass_pred_g"].to_numpy(float)
+    mean, diff = (ref + pred) / 2, pred - ref
+    if len(mean) > HEXBIN_ABOVE:
+        ax.hexbin(mean, diff, gridsize=60, bins="log", cmap="viridis", mincnt=1)
+    else:
+        ax.scatter(mean, diff, s=6, alpha=0.45, color="#2c7fb8", edgecolors="none")
+    ba = metrics.get("bland_altman") or {}
+    for key, style, label in (
+        ("mean_diff", "-", "mean difference"),
+        ("loa_lower", "--", "95% limits of agreement"),
+        ("loa_upper", "--", None),
+    ):
+        if ba.get(key) is not None:
+            ax.axhline(ba[key], color="#c0392b", ls=style, lw=1.2, label=label)
+            ax.annotate(
+                f"{ba[key]:.1f}",
+                xy=(1.0, ba[key]),
+                xycoords=("axes fraction", "data"),
+                fontsize=8,
+                va="bottom",
+                ha="right",
+            )
+    ax.axhline(0, color="#888", lw=0.8)
+    ax.set_xlabel("Mean of predicted and CMR LV mass (g)")
+    ax.set_ylabel("Predicted - CMR LV mass (g)")
+    ax.set_title("Bland-Altman")
+    ax.legend(loc="lower right", fontsize=9)
+    return fig
+
+
+def roc_figure(roc: pd.DataFrame, metrics: dict[str, Any]) -> Figure:
+    fig = Figure(figsize=(5.2, 5.0))
+    ax = fig.add_subplot()
+    c_stats = metrics.get("c_statistics", {})
+    auc = (c_stats.get("lvm_ai_lvmi") or {}).get("auc")
+    ax.plot([0, 1], [0, 1], color="#aaa", lw=0.8, ls=":")
+    if len(roc):
+        ax.plot(roc["fpr"], roc["tpr"], color="#2c7fb8", lw=2, label=f"LVM-AI predicted LVMI (c = {_num(auc)})")
+    for name, call in (metrics.get("binary_calls") or {}).items():
+        if name not in RULE_MARKERS or call.get("sensitivity") is None or call.get("specificity") is None:
+            continue
+        c = (c_stats.get(name) or {}).get("auc")
+        ax.scatter(
+            1 - call["specificity"],
+            call["sensitivity"],
+            marker=RULE_MARKERS[name],
+            s=90 if name == "lvm_ai_lvh" else 55,
+            zorder=3,
+            edgecolors="black",
+            linewidths=0.6,
+            label=f"{DISPLAY_NAMES.get(name, name)} (c = {_num(c)})",
+        )
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("Sensitivity")
+    ax.set_title("CMR LVH: ROC of predicted LVMI; binary calls as points")
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def cumulative_incidence_figure(curves: pd.DataFrame, name: str, result: dict[str, Any], label: str) -> Figure:
+    fig = Figure(figsize=(5.2, 4.2))
+    ax = fig.add_subplot()
+    for group, text in (("lvh", label), ("no_lvh", f"No {label}")):
+        part = curves[curves["group"] == group].sort_values("time_years")
+        if len(part):
+            ax.step(
+                part["time_years"],
+                100 * part["cumulative_incidence"],
+                where="post",
+                color=LVH_COLOURS[group],
+                lw=2,
+                label=text,
+            )
+    hr_text = f"HR {_hr(result.get('hr'), result.get('ci'))}, P {_p(result.get('p')).replace('&lt;', '<')}"
+    ax.text(0.03, 0.95, hr_text, transform=ax.transAxes, va="top", fontsize=9)
+    ax.set_xlabel("Years from ECG")
+    ax.set_ylabel("Cumulative incidence (%)")
+    ax.set_title(f"{OUTCOME_NAMES.get(name, name)} (events {result.get('events')}, n {result.get('n')})")
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="lower right", fontsize=9)
+    return fig
+
+
+def _hr_ticks(ax: Any, values: list[float]) -> None:
+    """Readable ticks on a log hazard-ratio axis (matplotlib's log labels crowd on short ranges)."""
+    lo = min([1.0, *values]) / 1.15
+    hi = max([1.0, *values]) * 1.15
+    ax.set_xlim(lo, hi)
+    candidates = [0.1, 0.2, 0.25, 0.33, 0.5, 0.67, 0.75, 1, 1.25, 1.5, 2, 3, 4, 5, 8, 10, 20, 50]
+    ticks = [t for t in candidates if lo <= t <= hi]
+    if len(ticks) > 7:
+        ticks = sorted({*ticks[:: math.ceil(len(ticks) / 7)], 1})
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def forest_figure(results: dict[str, Any], label: str) -> Figure:
+    names = list(results)
+    fig = Figure(figsize=(8.5, 0.55 * len(names) + 1.6))
+    axes = fig.subplots(1, 2, sharey=True)
+    y = np.arange(len(names))[::-1]
+    for ax, (hr_key, ci_key, title, colour) in zip(
+        axes,
+        (("hr", "ci", f"{label} (binary)", "#c0392b"), ("hr_per_sd", "ci_per_sd", "Per SD of LV mass", "#2c7fb8")),
+        strict=True,
+    ):
+        for yi, name in zip(y, names, strict=True):
+            r = results[name]
+            hr, ci = r.get(hr_key), r.get(ci_key) or [None, None]
+            if hr is None or ci[0] is None:
+                ax.text(1.0, yi, "not estimated", ha="center", va="center", fontsize=8, color="#888")
+                continue
+            ax.plot([ci[0], ci[1]], [yi, yi], color=colour, lw=2)
+            ax.plot([hr], [yi], marker="s", color=colour, ms=7)
+        ax.axvline(1.0, color="#555", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        _hr_ticks(ax, [v for r in results.values() for v in (r.get(ci_key) or []) if v is not None])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("Hazard ratio (95% CI), log scale")
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels([OUTCOME_NAMES.get(n, n) for n in names])
+    axes[0].set_ylim(-0.7, len(names) - 0.3)
+    fig.suptitle("Cox models adjusted for age and sex", fontsize=11)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+def _evaluation_section(eval_dir: str) -> tuple[str, dict[str, Any]]:
+    metrics = read_json(out_url(eval_dir, METRICS_JSON))
+    table = read_json(out_url(eval_dir, TABLE_JSON)) if exists(out_url(eval_dir, TABLE_JSON)) else {"rows": []}
+    pairs = read_parquet(out_url(eval_dir, PAIRS_PARQUET))
+    roc_url = out_url(eval_dir, ROC_PARQUET)
+    roc = read_parquet(roc_url) if exists(roc_url) else pd.DataFrame(columns=["fpr", "tpr"])
+
+    ba = metrics.get("bland_altman") or {}
+    ci = metrics.get("pearson_r_ci") or [None, None]
+    summary = _table(
+        ["n", "CMR LVH (prevalence)", "Pearson r (95% CI)", "MAE (g)", "Mean difference (g)", "LoA (g)"],
+        [
+            [
+                _esc(metrics.get("n")),
+                f"{_esc(metrics.get('n_lvh'))} ({_num(100 * (metrics.get('prevalence') or float('nan')), 1)}%)",
+                f"{_num(metrics.get('pearson_r'))} ({_num(ci[0])}-{_num(ci[1])})",
+                _num(metrics.get("mae_g"), 1),
+                _num(ba.get("mean_diff"), 1),
+                f"{_num(ba.get('loa_lower'), 1)} to {_num(ba.get('loa_upper'), 1)}",
+            ]
+        ],
+    )
+    paper = _table(
+        [_esc(h) for _, h in TABLE_HEADERS],
+        [[_esc(row.get(key)) for key, _ in TABLE_HEADERS] for row in table.get("rows", [])],
+    )
+    calls = metrics.get("binary_calls") or {}
+    call_rows = [
+        [
+            _esc(DISPLAY_NAMES.get(name, name)),
+            _esc(c.get("n")),
+            _esc(c.get("tp")),
+            _esc(c.get("fp")),
+            _esc(c.get("fn")),
+            _esc(c.get("tn")),
+            _esc(c.get("n_not_measurable", 0)),
+        ]
+        for name, c in calls.items()
+    ]
+    counts = _table(["Binary call", "n", "TP", "FP", "FN", "TN", "Not measurable"], call_rows)
+    exclusions = metrics.get("exclusions") or {}
+    excl_text = ", ".join(f"{_esc(k.replace('_', ' '))}: {_esc(v)}" for k, v in exclusions.items()) or "none"
+
+    figures = []
+    if len(pairs):
+        figures.append(
+            _figure_html(
+                "fig-scatter",
+                "Scatter plot of LVM-AI predicted versus CMR LV mass",
+                scatter_figure(pairs, metrics),
+                "Each point an ECG; dashed line: identity. r by Pearson with Fisher-z 95% CI.",
+            )
+        )
+        figures.append(
+            _figure_html(
+                "fig-bland-altman",
+                "Bland-Altman plot of predicted minus CMR LV mass",
+                bland_altman_figure(pairs, metrics),
+                "Difference (predicted - CMR) against the mean; red: mean difference and 95% limits of agreement.",
+            )
+        )
+    if len(roc):
+        figures.append(
+            _figure_html(
+                "fig-roc",
+                "ROC curve of predicted LVMI for CMR LVH with voltage rules as points",
+                roc_figure(roc, metrics),
+                "ROC of the continuous prediction (predicted LVMI) for CMR LVH; each binary call (dichotomised "
+                "LVM-AI, voltage rules) is one operating point, its c-statistic (sensitivity + specificity) / 2.",
+            )
+        )
+    else:
+        figures.append('<p class="note">No ROC curve: CMR LVH has a single class in this data.</p>')
+
+    section = f"""
+<h2>Agreement with CMR LV mass</h2>
+{summary}
+<p class="small">Excluded (missing label or prediction): {_esc(metrics.get("n_excluded", 0))} ({excl_text}).</p>
+<div class="figs">{"".join(figures[:2])}</div>
+<h2>Discrimination of CMR LVH</h2>
+<p class="small">CMR LVH: LVMI above {_thresholds(metrics.get("lvh_thresholds_g_m2"))} (strict).
+{_esc(metrics.get("ci_method", ""))} 95% CIs.</p>
+{paper}
+<div class="figs">{"".join(figures[2:])}</div>
+<h3>Binary calls: counts</h3>
+{counts}
+"""
+    return section, metrics
+
+
+def _outcomes_section(outcomes_dir: str) -> str:
+    results = read_json(out_url(outcomes_dir, OUTCOMES_JSON))
+    meta_url = out_url(outcomes_dir, OUTCOMES_META_JSON)
+    meta = read_json(meta_url) if exists(meta_url) else {}
+    label = meta.get("binary_exposure_label", "LVM-AI LVH")
+    curves_url = out_url(outcomes_dir, CUMULATIVE_INCIDENCE_PARQUET)
+    curves = read_parquet(curves_url) if exists(curves_url) else pd.DataFrame(columns=["outcome", "group"])
+
+    rows = []
+    for name, r in results.items():
+        rows.append(
+            [
+                _esc(OUTCOME_NAMES.get(name, name)),
+                _esc(r.get("n")),
+                _esc(r.get("events")),
+                _num(r.get("person_years"), 0),
+                _hr(r.get("hr"), r.get("ci")),
+                _p(r.get("p")),
+                _hr(r.get("hr_per_sd"), r.get("ci_per_sd")),
+                _p(r.get("p_per_sd")),
+                _p(r.get("ph_test_min_p")),
+                _esc(r.get("note", "")),
+            ]
+        )
+    cox = _table(
+        [
+            "Outcome",
+            "n",
+            "Events",
+            "Person-years",
+            f"HR {_esc(label)} (95% CI)",
+            "P",
+            "HR per SD (95% CI)",
+            "P",
+            "PH test min P",
+            "Note",
+        ],
+        rows,
+    )
+    figures = [
+        _figure_html(
+            "fig-forest",
+            "Forest plot of hazard ratios for each outcome",
+            forest_figure(results, label),
+            f"Hazard ratios for {label} and per SD of LV mass, adjusted for age and sex.",
+        )
+    ]
+    for name, r in results.items():
+        part = curves[curves["outcome"] == name]
+        if part.empty:
+            continue
+        figures.append(
+            _figure_html(
+                f"fig-cuminc-{name}",
+                f"Cumulative incidence of {OUTCOME_NAMES.get(name, name)} by {label}",
+                cumulative_incidence_figure(part, name, r, label),
+                f"{meta.get('cumulative_incidence_method', 'Cumulative incidence')}; prevalent cases excluded.",
+            )
+        )
+    sd = meta.get("exposure_sd")
+    return f"""
+<h2>Outcomes</h2>
+<p class="small">n = {_esc(meta.get("n_cohort"))}; exposure {_esc(meta.get("exposure_column"))}
+(SD {_num(sd, 1)} g, {_esc(meta.get("exposure_sd_source", ""))}); binary exposure: {_esc(meta.get("binary_exposure"))}.
+{_esc(meta.get("model", ""))}.</p>
+{cox}
+<div class="figs">{"".join(figures)}</div>
+"""
+
+
+def render_report(eval_dir: str, outcomes_dir: str | None, out: str) -> str:
+    """Write the HTML report to ``out`` (path or fsspec URL) and return ``out``.
+
+    ``eval_dir``: the output folder of :func:`lvm_ray.evaluate.evaluate`; ``outcomes_dir``: that of
+    :func:`lvm_ray.outcomes.outcomes`, or None to leave the outcomes section out.
+    """
+    eval_html, metrics = _evaluation_section(eval_dir)
+    outcomes_html = (
+        _outcomes_section(outcomes_dir)
+        if outcomes_dir
+        else '<h2>Outcomes</h2><p class="note">No outcome analysis given (--outcomes).</p>'
+    )
+    presets = ", ".join(metrics.get("model_preset") or []) or "unknown"
+    versions = ", ".join(metrics.get("model_version") or []) or "unknown"
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    document = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>LVM-AI report: {_esc(presets)} {_esc(versions)}</title>
+<style>{CSS}</style>
+</head>
+<body>
+<header>
+<h1>LVM-AI: LV mass and LVH from the 12-lead ECG</h1>
+<p class="meta"><span>Model preset: <b id="model-preset">{_esc(presets)}</b></span>
+<span>Model version: <b id="model-version">{_esc(versions)}</b></span>
+<span>n = <b id="n">{_esc(metrics.get("n"))}</b></span>
+<span>Report date: {_esc(now)}</span>
+<span>Evaluated: {_esc(metrics.get("created", ""))}</span></p>
+</header>
+<main>
+{eval_html}
+{outcomes_html}
+</main>
+<footer><p class="small">Generated by lvm-ray. Method after Khurshid et al., Circ Cardiovasc Imaging
+2021;14:e012281. c-statistics by DeLong; hazard ratios by Cox proportional hazards (lifelines).</p></footer>
+</body>
+</html>
+"""
+    write_bytes(out, document.encode("utf-8"))
+    return out

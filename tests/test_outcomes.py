@@ -1,0 +1,260 @@
+"""lvm_ray.outcomes: Cox models recover known hazard ratios; cumulative incidence; output files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lvm_ray.outcomes import cumulative_incidence, outcomes
+
+DESIGN_OUTCOME_KEYS = {"n", "events", "hr", "ci", "p", "hr_per_sd", "ci_per_sd"}
+#: True log-HRs of the simulated cohort below: per SD of LV mass, per year of age, male.
+LOG_HR_PER_SD = {"af": 0.30, "hf": 0.50, "mi": 0.0}
+LOG_HR_AGE, LOG_HR_MALE = 0.06, 0.40
+LOG_HR_LVH_VA = 0.9  # 'va' depends on a binary LVH flag instead of continuous mass
+MASS_SD = 25.0
+
+
+def simulate_cohort(n: int = 4000, seed: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Predictions + follow-up from exponential proportional-hazards models with known log-HRs.
+
+    Death competes with (and censors) every other outcome, like the synthetic generator does.
+    'rare' has so few events that no model can be fitted.
+    """
+    rng = np.random.default_rng(seed)
+    male = rng.random(n) < 0.5
+    age = np.clip(rng.normal(63, 8, n), 40, 85)
+    bsa = np.where(male, rng.normal(2.0, 0.15, n), rng.normal(1.75, 0.13, n))
+    mass = np.where(male, 100.0, 78.0) + MASS_SD * 0.8 * rng.normal(size=n)
+    z = (mass - 90.0) / MASS_SD
+    lvh_flag = rng.random(n) < 0.15
+    pred = mass + rng.normal(0, 12, n)
+    censor = rng.uniform(2.0, 10.0, n)
+    lin_cov = LOG_HR_AGE * (age - 63) + LOG_HR_MALE * male
+
+    def latent(rate: float, lp: np.ndarray) -> np.ndarray:
+        return rng.exponential(1.0 / (rate * np.exp(lp)))
+
+    death_time = latent(0.01, 0.08 * (age - 63) + 0.3 * male)
+    followup = {"ecg_id": [f"e{i:05d}" for i in range(n)], "patient_id": [f"p{i:05d}" for i in range(n)]}
+    death_end = np.minimum(death_time, censor)
+    followup.update(
+        {"death_prevalent": np.zeros(n, bool), "death_event": death_time <= censor, "death_time_years": death_end}
+    )
+    rates = {"af": 0.02, "hf": 0.012, "mi": 0.01, "va": 0.008, "rare": 0.00005}
+    for name, rate in rates.items():
+        if name == "va":
+            lp = LOG_HR_LVH_VA * lvh_flag + lin_cov
+        else:
+            lp = LOG_HR_PER_SD.get(name, 0.0) * z + lin_cov
+        t = latent(rate, lp)
+        prevalent = rng.random(n) < 0.03
+        followup[f"{name}_prevalent"] = prevalent
+        followup[f"{name}_event"] = (t <= death_end) & ~prevalent
+        followup[f"{name}_time_years"] = np.where(prevalent, 0.0, np.minimum(t, death_end))
+    predictions = pd.DataFrame(
+        {
+            "ecg_id": followup["ecg_id"],
+            "patient_id": followup["patient_id"],
+            "lv_mass_pred_g": pred,
+            "lvmi_pred": pred / bsa,
+            "lv_mass_g": mass,
+            "bsa_m2": bsa,
+            "age": age,
+            "sex": np.where(male, "M", "F"),
+            "lvh_flag": lvh_flag,
+            "model_preset": "lvm-ai-2021",
+            "model_version": "test-1",
+        }
+    )
+    return predictions, pd.DataFrame(followup)
+
+
+@pytest.fixture(scope="module")
+def cohort() -> tuple[pd.DataFrame, pd.DataFrame]:
+    return simulate_cohort()
+
+
+@pytest.fixture(scope="module")
+def true_mass_results(cohort, tmp_path_factory) -> tuple[dict, object]:
+    predictions, followup = cohort
+    out = tmp_path_factory.mktemp("outcomes_true")
+    return outcomes(predictions, followup, str(out), exposure_column="lv_mass_g", exposure_sd=MASS_SD), out
+
+
+def _within(estimate: float, se: float, truth: float, ci: list[float]) -> None:
+    assert ci[0] <= math.exp(truth) <= ci[1], (estimate, se, truth, ci)
+    assert abs(estimate - truth) < 3 * se, (estimate, se, truth)
+
+
+def test_cox_recovers_known_log_hazard_ratios(true_mass_results) -> None:
+    results, _ = true_mass_results
+    for name, truth in LOG_HR_PER_SD.items():
+        r = results[name]
+        assert r["events"] > 100, name
+        _within(r["log_hr_per_sd"], r["se_log_hr_per_sd"], truth, r["ci_per_sd"])
+        # Age and sex adjustments are estimated too.
+        assert r["covariates_per_sd_model"]["age"]["hr"] == pytest.approx(math.exp(LOG_HR_AGE), rel=0.03), name
+    assert results["mi"]["p_per_sd"] > 0.001  # a null effect is not found significant
+
+
+def test_binary_exposure_hazard_ratio(cohort, tmp_path) -> None:
+    predictions, followup = cohort
+    results = outcomes(
+        predictions, followup, str(tmp_path), exposure_column="lv_mass_g", exposure_sd=MASS_SD, binary_column="lvh_flag"
+    )
+    va = results["va"]
+    _within(va["log_hr"], va["se_log_hr"], LOG_HR_LVH_VA, va["ci"])
+    assert va["p"] < 1e-4
+    # Per-SD mass has no effect on va here.
+    assert va["ci_per_sd"][0] < 1 < va["ci_per_sd"][1] or va["p_per_sd"] > 0.001
+
+
+def test_outcomes_json_shape_and_exclusions(true_mass_results, cohort) -> None:
+    results, out = true_mass_results
+    _, followup = cohort
+    on_disk = json.loads((out / "outcomes.json").read_text())
+    assert on_disk == results
+    assert list(on_disk) == ["af", "mi", "hf", "va", "death", "rare"]
+    for name, r in on_disk.items():
+        assert DESIGN_OUTCOME_KEYS <= set(r), name
+        assert len(r["ci"]) == 2 and len(r["ci_per_sd"]) == 2
+        assert r["n"] == int((~followup[f"{name}_prevalent"]).sum()), name
+        assert r["events"] == int(followup[f"{name}_event"].sum()), name
+        assert r["person_years"] > 0
+    for name in ("af", "hf", "death"):
+        r = on_disk[name]
+        assert r["ci"][0] < r["hr"] < r["ci"][1] and 0 <= r["p"] <= 1
+        assert set(r["ph_test_p"]) == {"lvh_model", "per_sd_model"}
+        assert {"age", "male", "exposure_per_sd"} <= set(r["ph_test_p"]["per_sd_model"])
+    meta = json.loads((out / "outcomes_meta.json").read_text())
+    assert meta["exposure_sd"] == MASS_SD and meta["exposure_column"] == "lv_mass_g"
+    assert "Aalen-Johansen" in meta["cumulative_incidence_method"]
+    md = (out / "outcomes.md").read_text()
+    assert "Heart failure" in md and "| Outcome |" in md
+
+
+def test_too_few_events_is_a_note_not_a_crash(true_mass_results) -> None:
+    results, _ = true_mass_results
+    rare = results["rare"]
+    assert rare["events"] < 5
+    assert rare["hr"] is None and rare["hr_per_sd"] is None and rare["ci"] == [None, None]
+    assert "events" in rare["note"]
+
+
+def test_cumulative_incidence_file(true_mass_results) -> None:
+    results, out = true_mass_results
+    curves = pd.read_parquet(out / "cumulative_incidence.parquet")
+    assert {"outcome", "group", "time_years", "cumulative_incidence", "n_at_risk"} <= set(curves.columns)
+    hf = curves[curves["outcome"] == "hf"]
+    for group in ("lvh", "no_lvh"):
+        values = hf.loc[hf["group"] == group, "cumulative_incidence"].to_numpy()
+        assert values[0] == 0 and np.all(np.diff(values) >= -1e-12) and values[-1] < 1
+    yearly = results["hf"]["cumulative_incidence_yearly"]
+    assert yearly["years"][:3] == [1.0, 2.0, 3.0]
+    # Heavier hearts -> more heart failure: LVH curve above the no-LVH curve at 5 years.
+    assert yearly["lvh"][4] > yearly["no_lvh"][4]
+
+
+def test_cumulative_incidence_matches_lifelines() -> None:
+    from lifelines import AalenJohansenFitter, KaplanMeierFitter
+
+    rng = np.random.default_rng(2)
+    n = 500
+    t_event = rng.exponential(5, n)
+    t_compete = rng.exponential(8, n)
+    t_censor = rng.uniform(0, 10, n)
+    time = np.minimum.reduce([t_event, t_compete, t_censor])
+    event = t_event == time
+    competing = t_compete == time
+    # No competing risk: 1 - Kaplan-Meier.
+    times, cif, _ = cumulative_incidence(time, event)
+    km = KaplanMeierFitter().fit(time, event)
+    expected = 1 - km.survival_function_at_times(times).to_numpy()
+    np.testing.assert_allclose(cif, expected, atol=1e-12)
+    # With a competing risk: Aalen-Johansen (continuous times, so lifelines needs no jitter).
+    times, cif, _ = cumulative_incidence(time, event, competing)
+    codes = np.where(event, 1, np.where(competing, 2, 0))
+    aj = AalenJohansenFitter(calculate_variance=False).fit(time, codes, event_of_interest=1)
+    ref = aj.cumulative_density_.iloc[:, 0]
+    expected = ref.reindex(times, method="ffill").to_numpy()
+    np.testing.assert_allclose(cif, expected, atol=1e-12)
+    assert cif[-1] < (1 - km.survival_function_.iloc[-1, 0])  # competing deaths lower the incidence
+
+
+def test_predicted_exposure_default_and_patient_dedup(cohort, tmp_path) -> None:
+    predictions, followup = cohort
+    # A second, later ECG for the first 100 patients must not count them twice.
+    extra = predictions.iloc[:100].copy()
+    extra["ecg_id"] = extra["ecg_id"] + "-b"
+    extra_fu = followup.iloc[:100].copy()
+    extra_fu["ecg_id"] = extra_fu["ecg_id"] + "-b"
+    predictions2 = pd.concat([predictions, extra], ignore_index=True)
+    followup2 = pd.concat([followup, extra_fu], ignore_index=True)
+    predictions2["ecg_datetime"] = pd.Timestamp("2015-01-01") + pd.to_timedelta(
+        np.r_[np.zeros(len(predictions)), np.full(100, 30)], unit="D"
+    )
+    # From files, as the CLI passes them (predictions parquet, follow-up CSV).
+    predictions2.drop(columns=["lv_mass_g"]).to_parquet(tmp_path / "predictions.parquet", index=False)
+    followup2.to_csv(tmp_path / "followup.csv", index=False)
+    results = outcomes(
+        str(tmp_path / "predictions.parquet"), str(tmp_path / "followup.csv"), str(tmp_path), outcome_names=["hf"]
+    )
+    meta = json.loads((tmp_path / "outcomes_meta.json").read_text())
+    assert meta["exclusions"]["later_ecgs_of_same_patient"] == 100
+    assert meta["binary_exposure_label"] == "LVM-AI LVH" and meta["exposure_sd_source"] == "cohort SD"
+    assert list(results) == ["hf"]
+    hf = results["hf"]
+    assert hf["n"] == int((~followup["hf_prevalent"]).sum())
+    # Noisy predicted mass: attenuated but still clearly associated.
+    assert 1.0 < hf["hr_per_sd"] < math.exp(LOG_HR_PER_SD["hf"]) * 1.2 and hf["p_per_sd"] < 0.001
+
+
+def test_missing_age_or_join_is_a_clear_error(cohort, tmp_path) -> None:
+    predictions, followup = cohort
+    with pytest.raises(ValueError, match="age"):
+        outcomes(predictions.drop(columns=["age"]), followup, str(tmp_path))
+    followup_other = followup.assign(ecg_id="x" + followup["ecg_id"])
+    with pytest.raises(ValueError, match="join"):
+        outcomes(predictions, followup_other, str(tmp_path))
+
+
+@pytest.mark.slow  # about 16 s alone (it renders the ECGs too), much more on a loaded machine
+def test_synthetic_generator_hazard_ratios_are_recovered(tmp_path) -> None:
+    """Cox models on TRUE LV mass recover lvm_ray.synth's per-SD log-HRs for every outcome.
+
+    A 95% CI misses its truth 5% of the time, so with five outcomes some seed will show one
+    miss (about 1 seed in 4): with seeds 1, 2, 3 and 20240 the standardised errors
+    (estimate - truth) / SE were spread like N(0, 1) (no bias; largest |z| 2.2). The seed is fixed
+    where all five are covered; the 3-SE bound is the part that must hold for any seed. If a
+    generator change breaks only the 95% check, look at the z-scores before suspecting a bug.
+    """
+    synth = pytest.importorskip("lvm_ray.synth")
+    config = synth.SynthConfig()
+    n, seed = 4000, 3
+    batch = synth.generate_batch(n, seed, config=config)
+    truth = synth.truth(config, n, seed)
+    table = batch.table[["ecg_id", "patient_id", "age", "sex", "bsa_m2", "lv_mass_g"]]
+    results = outcomes(
+        table, batch.followup, str(tmp_path), exposure_column="lv_mass_g", exposure_sd=truth["lv_mass_sd_g"]
+    )
+    assert set(truth["log_hr_per_sd_lv_mass"]) <= set(results)
+    for name, log_hr in truth["log_hr_per_sd_lv_mass"].items():
+        r = results[name]
+        assert r["events"] >= 50, (name, r["events"])
+        _within(r["log_hr_per_sd"], r["se_log_hr_per_sd"], log_hr, r["ci_per_sd"])
+        age_hr = r["covariates_per_sd_model"]["age"]["hr"]
+        assert abs(math.log(age_hr) - truth["log_hr_age_per_year"][name]) < 0.03, name
+
+
+def test_lvh_pred_column_used_when_bsa_is_unknown(cohort, tmp_path) -> None:
+    predictions, followup = cohort
+    table = predictions.drop(columns=["bsa_m2", "lvmi_pred", "lv_mass_g"]).assign(lvh_pred=predictions["lvh_flag"])
+    results = outcomes(table, followup, str(tmp_path), outcome_names=["va"])
+    meta = json.loads((tmp_path / "outcomes_meta.json").read_text())
+    assert meta["binary_exposure"] == "column lvh_pred" and meta["n_lvh"] == int(predictions["lvh_flag"].sum())
+    assert results["va"]["ci"][0] <= math.exp(LOG_HR_LVH_VA) <= results["va"]["ci"][1]
