@@ -35,4 +35,14 @@ def read_ecg_dataset(root: str, columns: Sequence[str] | None = None) -> ray.dat
     urls = store.shard_urls(root)
     if not urls:
         raise store.StoreError(f"{root} has no shards")
-    return ray.data.read_parquet(urls, columns=list(columns) if columns else None)
+    # One block per shard: shards are already ~block-sized (1000 ECGs ~ 120 MB), and downstream
+    # writers then emit one output part per shard, which bounds what a crash can lose. Ray 2.60's
+    # V2 parquet datasource packs small files into one task and ignores override_num_blocks, so
+    # this read uses the V1 datasource (the Dataset keeps a copy of the context it was made with).
+    context = ray.data.DataContext.get_current()
+    previous = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(urls, columns=list(columns) if columns else None, override_num_blocks=len(urls))
+    finally:
+        context.use_datasource_v2 = previous

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 ModelLoader = Callable[[], Predictor]
 #: Columns of the shards that never travel into predictions (the waveform, generator truth).
-_NOT_CARRIED_PREFIXES = ("true_r_uv_", "true_s_uv_")
+_NOT_CARRIED_PREFIXES = ("true_",)
 SUMMARY_FILE = "_scoring.json"
 PARTS_DIR = "parts"
 
