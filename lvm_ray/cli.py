@@ -133,6 +133,206 @@ def summary(data: Annotated[str, typer.Option(help="Dataset URL or path.")]) -> 
 
 
 @app.command()
+def rules(
+    data: Annotated[str, typer.Option(help="Dataset URL or path.")],
+    out: Annotated[str, typer.Option(help="Folder (any URL) for the rules table (parquet); replaced if present.")],
+    comparison: Annotated[str, typer.Option(help="'strict' (>, as published) or 'inclusive' (>=).")] = "strict",
+    address: AddressOption = None,
+) -> None:
+    """Measure R/S amplitudes on the median beat and apply Sokolow-Lyon, Cornell, aVL and more."""
+    from lvm_ray.measure import measure_rules
+    from lvm_ray.ray_utils import connect
+    from lvm_ray.rules import RulesConfig
+
+    if comparison not in ("strict", "inclusive"):
+        _fail(f"--comparison must be strict or inclusive, not {comparison!r}")
+    connect(address)
+    result = measure_rules(data, out, RulesConfig(comparison=comparison))
+    typer.echo(f"rules -> {result.out}\n  ECGs         : {result.n} ({result.n_measurable} measurable)")
+    for flag, share in result.prevalence.items():
+        typer.echo(f"  {flag:<26s}{share:6.1%}")
+    typer.echo(f"  time         : {result.seconds:.1f} s ({result.n / max(result.seconds, 1e-9):.0f} ECGs/s)")
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Option(help="Dataset URL or path (ECG shards with the target column).")],
+    run: Annotated[str, typer.Option(help="Run folder (any URL): checkpoints, metrics, split. Re-running resumes.")],
+    preset: Annotated[
+        str, typer.Option(help="Model preset: lvm-cpu (CPU/demo), lvm-ai-2021 (published, GPU), ...")
+    ] = "lvm-cpu",
+    target: Annotated[
+        str | None, typer.Option(help="Column to learn (default: the preset's, lv_mass_g). Binary columns classify.")
+    ] = None,
+    num_workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (one GPU each with --use-gpu).")] = 2,
+    use_gpu: Annotated[bool, typer.Option(help="Train on GPUs (CUDA, NCCL, bf16 autocast).")] = False,
+    max_epochs: Annotated[
+        int | None, typer.Option(min=1, help="Upper bound on epochs (default: the preset's).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Per-worker batch size (default: the preset's).")
+    ] = None,
+    split_column: Annotated[
+        str | None,
+        typer.Option(help="Column holding an explicit split (e.g. strat_fold); default: hash of patient_id."),
+    ] = None,
+    val_values: Annotated[list[str] | None, typer.Option(help="Values of --split-column for validation.")] = None,
+    test_values: Annotated[list[str] | None, typer.Option(help="Values of --split-column for the test split.")] = None,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per worker (fractions allowed).")] = 1.0,
+    overwrite: Annotated[bool, typer.Option(help="Start over instead of resuming a run in RUN.")] = False,
+    smoke_test: Annotated[bool, typer.Option(help="Two epochs, to check the plumbing.")] = False,
+    address: AddressOption = None,
+) -> None:
+    """Train a preset on Ray Train (DDP), streaming the shards with Ray Data; resumes when re-run."""
+    from lvm_ray.train import TrainError
+    from lvm_ray.train import train as run_train
+
+    _setup_logging(False)
+    try:
+        result = run_train(
+            data,
+            run,
+            preset=preset,
+            target=target,
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            max_epochs=2 if smoke_test else max_epochs,
+            address=address,
+            batch_size=batch_size,
+            split_column=split_column,
+            val_values=tuple(val_values or ()),
+            test_values=tuple(test_values or ()),
+            cpus_per_worker=cpus_per_worker,
+            overwrite=overwrite,
+        )
+    except (TrainError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"train -> {result.run}")
+    typer.echo(f"  preset {result.preset}, target {result.target} ({result.task}); best epoch {result.best_epoch}")
+    typer.echo(f"  validation: {result.val_metrics}")
+    if result.test_metrics:
+        typer.echo(f"  test      : {result.test_metrics}")
+    typer.echo(f"  checkpoint: {result.model_path}  ({result.wall_s:.0f} s)")
+
+
+@app.command()
+def score(
+    data: Annotated[str, typer.Option(help="Dataset URL or path.")],
+    checkpoint: Annotated[str, typer.Option(help="Run folder or checkpoint file (any URL).")],
+    out: Annotated[str, typer.Option(help="Predictions folder (any URL); a re-run completes it without duplicates.")],
+    batch_size: Annotated[int, typer.Option(min=1, help="ECGs per model call.")] = 128,
+    num_actors: Annotated[
+        int | None, typer.Option(min=1, help="Model replicas (default: one per GPU, or CPUs/2).")
+    ] = None,
+    use_gpu: Annotated[
+        bool | None, typer.Option("--use-gpu/--no-gpu", help="Default: GPUs if the cluster has them.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Discard predictions already in --out.")] = False,
+    address: AddressOption = None,
+) -> None:
+    """Predict LV mass, LVMI, LVH and the voltage rules for every ECG, with a Ray Data actor pool."""
+    from lvm_ray.model import CheckpointError
+    from lvm_ray.ray_utils import connect
+    from lvm_ray.score import ScoringError, format_summary
+    from lvm_ray.score import score as run_score
+    from lvm_ray.store import StoreError
+
+    _setup_logging(False)
+    connect(address)
+    try:
+        result = run_score(
+            data, checkpoint, out, batch_size=batch_size, num_actors=num_actors, use_gpu=use_gpu, overwrite=overwrite
+        )
+    except (ScoringError, StoreError, CheckpointError) as exc:
+        _fail(str(exc))
+    typer.echo(format_summary(result))
+
+
+@app.command()
+def evaluate(
+    predictions: Annotated[str, typer.Option(help="Predictions folder written by `lvm-ray score`.")],
+    out: Annotated[str, typer.Option(help="Folder for metrics.json, table.md and the report's data.")],
+) -> None:
+    """Pearson r, MAE, Bland-Altman, c-statistics with DeLong CIs and tests against the voltage rules."""
+    from lvm_ray.evaluate import evaluate as run_evaluate
+    from lvm_ray.store import join_url
+
+    try:
+        metrics = run_evaluate(predictions, out)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"evaluate -> {out}  (n = {metrics['n']})")
+    typer.echo(f"  Pearson r {metrics['pearson_r']:.3f} {metrics['pearson_r_ci']}, MAE {metrics['mae_g']:.1f} g")
+    for name, c in metrics["c_statistics"].items():
+        if c.get("auc") is not None:
+            p = metrics["delong_p"].get(name)
+            typer.echo(
+                f"  c {name:<14s}{c['auc']:.3f} ({c['ci'][0]:.3f}-{c['ci'][1]:.3f})" + (f"  P={p:.3g}" if p else "")
+            )
+    typer.echo(f"  table: {join_url(out, 'table.md')}")
+
+
+@app.command()
+def outcomes(
+    predictions: Annotated[str, typer.Option(help="Predictions folder written by `lvm-ray score`.")],
+    followup: Annotated[
+        str, typer.Option(help="Follow-up table (parquet/CSV): <outcome>_prevalent/_event/_time_years.")
+    ],
+    out: Annotated[str, typer.Option(help="Folder for outcomes.json, cumulative incidence and tables.")],
+) -> None:
+    """Age- and sex-adjusted Cox models of incident AF, MI, HF, VA (and death) by predicted LVH."""
+    from lvm_ray.outcomes import outcomes as run_outcomes
+    from lvm_ray.store import StoreError
+
+    try:
+        results = run_outcomes(predictions, followup, out)
+    except (ValueError, StoreError) as exc:
+        _fail(str(exc))
+    typer.echo(f"outcomes -> {out}")
+    for name, r in results.items():
+        if r.get("hr") is None:
+            typer.echo(f"  {name:<6s} n={r.get('n')} events={r.get('events')}: {r.get('note', 'not estimable')}")
+        else:
+            typer.echo(
+                f"  {name:<6s} n={r['n']} events={r['events']}: "
+                f"HR LVH {r['hr']:.2f} ({r['ci'][0]:.2f}-{r['ci'][1]:.2f}) P={r['p']:.2g}; "
+                f"per SD {r['hr_per_sd']:.2f} ({r['ci_per_sd'][0]:.2f}-{r['ci_per_sd'][1]:.2f})"
+            )
+
+
+@app.command()
+def report(
+    eval_dir: Annotated[str, typer.Option("--eval", help="Folder written by `lvm-ray evaluate`.")],
+    out: Annotated[str, typer.Option(help="HTML file to write (self-contained: opens from disk).")],
+    outcomes_dir: Annotated[
+        str | None, typer.Option("--outcomes", help="Folder written by `lvm-ray outcomes`.")
+    ] = None,
+) -> None:
+    """Render one self-contained HTML report: figures and tables of the evaluation and outcomes."""
+    from lvm_ray.report import render_report
+
+    typer.echo(f"report -> {render_report(eval_dir, outcomes_dir, out)}")
+
+
+@app.command()
+def serve(
+    checkpoint: Annotated[str, typer.Option(help="Run folder or checkpoint file (any URL).")],
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it local.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    use_gpu: Annotated[bool, typer.Option(help="Run the model on a GPU.")] = False,
+    address: AddressOption = None,
+) -> None:
+    """Serve the model on Ray Serve: POST /v1/predict, /v1/predict/file; GET /healthz, /readyz, /v1/model, /docs."""
+    from lvm_ray.ray_utils import connect
+    from lvm_ray.serve import run_server
+
+    _setup_logging(False)
+    connect(address)
+    typer.echo(f"serving {checkpoint} at http://{host}:{port} (OpenAPI at /docs); Ctrl-C stops")
+    run_server(checkpoint, host=host, port=port, use_gpu=use_gpu)
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its data and outputs.")] = Path("demo_output"),
     n: Annotated[int, typer.Option(min=100, help="Synthetic cohort size.")] = 2000,
