@@ -21,9 +21,27 @@ def _step(title: str) -> float:
     return time.time()
 
 
-def run_demo(workdir: Path, n: int = 2000, seed: int = 7, samples: Path = BUNDLED_SAMPLES) -> dict[str, str]:
-    """Run every stage the project has on a local embedded Ray; return the outputs' locations."""
+def run_demo(
+    workdir: Path,
+    n: int = 2000,
+    seed: int = 7,
+    samples: Path = BUNDLED_SAMPLES,
+    n_outpatient: int | None = None,
+    max_epochs: int = 12,
+) -> dict[str, str]:
+    """Run the whole study on a local embedded Ray; return the outputs' locations.
+
+    A CMR cohort of ``n`` (training, validation and test by patient) trains the CPU preset; an
+    independent outpatient cohort (another seed) is scored, evaluated against its CMR labels and
+    the voltage rules, and followed up for incident AF, MI, HF, VA and death.
+    """
+    from lvm_ray.evaluate import evaluate
+    from lvm_ray.outcomes import outcomes
+    from lvm_ray.report import render_report
+    from lvm_ray.score import format_summary as format_score
+    from lvm_ray.score import score
     from lvm_ray.synth import write_cohort
+    from lvm_ray.train import train
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -31,14 +49,12 @@ def run_demo(workdir: Path, n: int = 2000, seed: int = 7, samples: Path = BUNDLE
     started = time.time()
     connect()
 
-    t0 = _step(f"1. synthetic cohort: {n} participants, seed {seed}")
-    cohort = str(workdir / "cohort")
+    t0 = _step(f"1. synthetic CMR cohort: {n} participants, seed {seed}")
+    cohort = str(workdir / "cmr_cohort")
     write_cohort(n, seed, cohort)
     typer.echo(format_dataset_summary(dataset_summary(cohort)))
     typer.echo(f"   ({time.time() - t0:.1f} s)")
-    outputs["cohort"] = cohort
-    outputs["followup"] = f"{cohort}/followup.parquet"
-    outputs["truth"] = f"{cohort}/truth.json"
+    outputs["cmr_cohort"] = cohort
 
     if samples.exists():
         _step(f"2. ingest the bundled real sample ECGs ({samples})")
@@ -52,9 +68,61 @@ def run_demo(workdir: Path, n: int = 2000, seed: int = 7, samples: Path = BUNDLE
     else:
         typer.echo(f"(no bundled samples at {samples}; skipping the real-data step)")
 
+    t0 = _step(f"3. train the lvm-cpu preset on the CMR cohort (2 Ray Train workers, <= {max_epochs} epochs)")
+    run = str(workdir / "run")
+    result = train(cohort, run, preset="lvm-cpu", num_workers=2, max_epochs=max_epochs, cpus_per_worker=1.0)
+    typer.echo(f"   best epoch {result.best_epoch} of {result.epochs_run}; validation {_fmt(result.val_metrics)}")
+    if result.test_metrics:
+        typer.echo(f"   held-out test split: {_fmt(result.test_metrics)}")
+    typer.echo(f"   ({time.time() - t0:.0f} s)")
+    outputs["run"] = run
+    outputs["checkpoint"] = result.model_path
+
+    n_out = n_outpatient or n
+    t0 = _step(f"4. outpatient cohort ({n_out}, seed {seed + 1}): score with a Ray Data actor pool")
+    outpatients = str(workdir / "outpatient_cohort")
+    write_cohort(n_out, seed + 1, outpatients)
+    predictions = str(workdir / "predictions")
+    typer.echo(format_score(score(outpatients, result.model_path, predictions, overwrite=True)))
+    outputs["outpatient_cohort"] = outpatients
+    outputs["predictions"] = predictions
+    outputs["followup"] = f"{outpatients}/followup.parquet"
+    outputs["truth"] = f"{outpatients}/truth.json"
+
+    _step("5. evaluate against CMR LV mass and the voltage rules")
+    eval_dir = str(workdir / "evaluation")
+    metrics = evaluate(predictions, eval_dir)
+    typer.echo(
+        f"   Pearson r {metrics['pearson_r']:.3f} (95% CI {metrics['pearson_r_ci'][0]:.3f}-"
+        f"{metrics['pearson_r_ci'][1]:.3f}), MAE {metrics['mae_g']:.1f} g, n {metrics['n']}"
+    )
+    for name, c in metrics["c_statistics"].items():
+        if c.get("auc") is not None:
+            typer.echo(f"   c-statistic {name:<14s}{c['auc']:.3f} ({c['ci'][0]:.3f}-{c['ci'][1]:.3f})")
+    outputs["evaluation"] = eval_dir
+
+    _step("6. outcomes: Cox models adjusted for age and sex")
+    outcomes_dir = str(workdir / "outcomes")
+    results = outcomes(predictions, outputs["followup"], outcomes_dir)
+    for name, r in results.items():
+        if r.get("hr") is not None:
+            typer.echo(
+                f"   {name:<6s} events {r['events']:>4d}  HR for predicted LVH {r['hr']:.2f} "
+                f"({r['ci'][0]:.2f}-{r['ci'][1]:.2f}); per SD of predicted LV mass {r['hr_per_sd']:.2f}"
+            )
+    outputs["outcomes"] = outcomes_dir
+
+    _step("7. report")
+    outputs["report"] = render_report(eval_dir, outcomes_dir, str(workdir / "report.html"))
+
     (workdir / "outputs.json").write_text(json.dumps(outputs, indent=2))
     typer.secho(f"\nDemo finished in {time.time() - started:.0f} s. Outputs:", bold=True)
     for name, location in outputs.items():
         typer.echo(f"  {name:<26s}{location}")
     typer.echo(f"  {'index of outputs':<26s}{workdir / 'outputs.json'}")
+    typer.secho(f"\nOpen the report: {outputs['report']}", bold=True)
     return outputs
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))

@@ -20,19 +20,18 @@ number of rows where the table's own ``lvh_pred`` disagrees is reported.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import posixpath
 from collections.abc import Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_curve
 
+from lvm_ray import signals, store
 from lvm_ray.lvh import LVHConfig, lv_mass_index, lvh_from_lvmi
 from lvm_ray.stats import (
     auc_ci,
@@ -78,75 +77,6 @@ ROC_PARQUET = "roc.parquet"
 # --------------------------------------------------------------------------------------------
 
 
-def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path.rstrip("/") or path
-
-
-def out_url(root: str, name: str) -> str:
-    return posixpath.join(root.rstrip("/"), name)
-
-
-def write_bytes(url: str, payload: bytes) -> None:
-    fs, path = _fs(url)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(payload)
-
-
-def read_bytes(url: str) -> bytes:
-    fs, path = _fs(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
-
-
-def exists(url: str) -> bool:
-    fs, path = _fs(url)
-    return bool(fs.exists(path))
-
-
-def jsonable(value: Any) -> Any:
-    """numpy scalars -> Python, NaN/inf -> None (strict JSON), tuples -> lists, recursively."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if value is pd.NA or value is pd.NaT:
-        return None
-    return value
-
-
-def write_json(url: str, payload: dict[str, Any]) -> None:
-    write_bytes(url, json.dumps(jsonable(payload), indent=2, allow_nan=False).encode())
-
-
-def read_json(url: str) -> dict[str, Any]:
-    return json.loads(read_bytes(url))
-
-
-def write_parquet(url: str, frame: pd.DataFrame) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False), buffer)
-    write_bytes(url, buffer.getvalue())
-
-
-def read_parquet(url: str) -> pd.DataFrame:
-    fs, path = _fs(url)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f).to_pandas()
-
-
 def read_table_any(source: str | pd.DataFrame, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """A DataFrame, a parquet/CSV file, or a folder of parquet files (any fsspec URL) -> DataFrame.
 
@@ -158,7 +88,7 @@ def read_table_any(source: str | pd.DataFrame, columns: Sequence[str] | None = N
     if isinstance(source, pd.DataFrame):
         frame = source.copy()
         return frame[[c for c in columns if c in frame.columns]] if columns is not None else frame
-    fs, path = _fs(str(source))
+    fs, path = store.filesystem(str(source))
     if not fs.exists(path):
         raise FileNotFoundError(f"predictions/table not found: {source}")
     if fs.isdir(path):
@@ -194,8 +124,7 @@ def read_table_any(source: str | pd.DataFrame, columns: Sequence[str] | None = N
 
 def normalise_sex(values: pd.Series) -> pd.Series:
     """'M'/'F' from common spellings (M, male, F, female, W, woman; any case); None otherwise."""
-    mapping = {"M": "M", "MALE": "M", "MAN": "M", "F": "F", "FEMALE": "F", "W": "F", "WOMAN": "F"}
-    return values.map(lambda v: mapping.get(v.strip().upper()) if isinstance(v, str) else None).astype(object)
+    return values.map(signals.normalise_sex).astype(object)
 
 
 def _nullable_bool(series: pd.Series) -> pd.Series:
@@ -528,14 +457,14 @@ def evaluate(
             "source": predictions if isinstance(predictions, str) else "DataFrame",
         }
     )
-    rows = paper_table(jsonable(metrics))
-    write_json(out_url(out, METRICS_JSON), metrics)
-    write_json(out_url(out, TABLE_JSON), {"columns": dict(TABLE_HEADERS), "rows": rows})
-    write_bytes(out_url(out, TABLE_MD), table_markdown(jsonable(metrics), rows).encode())
+    rows = paper_table(store.jsonable(metrics))
+    store.write_json(store.join_url(out, METRICS_JSON), metrics)
+    store.write_json(store.join_url(out, TABLE_JSON), {"columns": dict(TABLE_HEADERS), "rows": rows})
+    store.write_bytes(store.join_url(out, TABLE_MD), table_markdown(store.jsonable(metrics), rows).encode())
     pair_columns = ["ecg_id", "sex", "lv_mass_g", "lv_mass_pred_g", "bsa_m2", "lvmi", "lvmi_pred", "lvh", "lvh_pred"]
     pairs = df[pair_columns].copy()
     pairs["lvh"] = pairs["lvh"].astype(bool)
     pairs["lvh_pred"] = pairs["lvh_pred"].astype(bool)
-    write_parquet(out_url(out, PAIRS_PARQUET), pairs)
-    write_parquet(out_url(out, ROC_PARQUET), roc)
-    return jsonable(metrics)
+    store.write_table(store.join_url(out, PAIRS_PARQUET), pairs)
+    store.write_table(store.join_url(out, ROC_PARQUET), roc)
+    return store.jsonable(metrics)

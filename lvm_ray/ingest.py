@@ -29,7 +29,7 @@ from lvm_ray import store
 from lvm_ray.formats import detect_format, is_ecg_file, read_ecg
 from lvm_ray.lvh import body_surface_area
 from lvm_ray.schema import CART_FIELDS, CORE_FIELDS, shard_schema
-from lvm_ray.signals import ECGReadError, QualityConfig, RawECG, Rejection, canonical_waveform
+from lvm_ray.signals import ECGReadError, QualityConfig, RawECG, Rejection, canonical_waveform, normalise_sex
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def prepare_labels(user_labels: pd.DataFrame | None, found_labels: pd.DataFrame 
             if key in table.columns:
                 table[key] = table[key].map(lambda v: None if pd.isna(v) else str(v))
         if "sex" in table.columns:
-            table["sex"] = table["sex"].map(_normalise_sex)
+            table["sex"] = table["sex"].map(normalise_sex)
         if "ecg_datetime" in table.columns:
             table["ecg_datetime"] = pd.to_datetime(table["ecg_datetime"], errors="coerce")
         tables.append(table)
@@ -172,13 +172,6 @@ def prepare_labels(user_labels: pd.DataFrame | None, found_labels: pd.DataFrame 
         merged = user.set_index("ecg_id").combine_first(merged).reset_index()
         return merged
     return tables[-1] if len(tables) == 1 else pd.concat(tables, ignore_index=True)
-
-
-def _normalise_sex(value: Any) -> str | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    text = str(value).strip().upper()
-    return {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}.get(text)
 
 
 def label_fields(labels: pd.DataFrame | None) -> list[pa.Field]:
@@ -235,7 +228,7 @@ def _metadata_row(raw: RawECG, ecg_id: str, uri: str) -> dict[str, Any]:
         "source_uri": uri,
         "original_fs": float(raw.sample_rate_hz),
         "age": raw.age,
-        "sex": _normalise_sex(raw.sex),
+        "sex": normalise_sex(raw.sex),
         "height_cm": raw.height_cm,
         "weight_kg": raw.weight_kg,
         **raw.cart_measurements,

@@ -46,9 +46,9 @@ def measure_rules(data: str, out: str, config: RulesConfig = RulesConfig(), batc
     started = time.time()
     columns = ["ecg_id", "sex", "ecg", *(f.name for f in CART_FIELDS)]
     dataset = read_ecg_dataset(data, columns=columns)
-    dataset.map_batches(rules_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="numpy").write_parquet(
-        out, mode="overwrite"
-    )
+    dataset.map_batches(
+        rules_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="numpy"
+    ).write_parquet(out, mode="overwrite")
     table = read_rules(out)
     flags = [c for c in table.columns if c.startswith("lvh_")]
     return RulesResult(
@@ -63,5 +63,5 @@ def measure_rules(data: str, out: str, config: RulesConfig = RulesConfig(), batc
 def read_rules(out: str) -> pd.DataFrame:
     import pyarrow.dataset as ds
 
-    fs, path = store._fs(out)
+    fs, path = store.filesystem(out)
     return ds.dataset(path, filesystem=fs, format="parquet").to_table().to_pandas()

@@ -35,14 +35,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lvm_ray import store
 from lvm_ray.evaluate import (
-    jsonable,
     normalise_sex,
-    out_url,
     read_table_any,
-    write_bytes,
-    write_json,
-    write_parquet,
 )
 from lvm_ray.lvh import LVHConfig, lv_mass_index, lvh_from_lvmi
 
@@ -527,8 +523,10 @@ def outcomes(
         "model_version": sorted({str(v) for v in preds.get("model_version", pd.Series(dtype=object)).dropna()}),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json(out_url(out, OUTCOMES_JSON), results)
-    write_json(out_url(out, OUTCOMES_META_JSON), meta)
-    write_parquet(out_url(out, CUMULATIVE_INCIDENCE_PARQUET), pd.concat(curves, ignore_index=True))
-    write_bytes(out_url(out, OUTCOMES_MD), outcomes_markdown(jsonable(results), jsonable(meta)).encode())
-    return jsonable(results)
+    store.write_json(store.join_url(out, OUTCOMES_JSON), results)
+    store.write_json(store.join_url(out, OUTCOMES_META_JSON), meta)
+    store.write_table(store.join_url(out, CUMULATIVE_INCIDENCE_PARQUET), pd.concat(curves, ignore_index=True))
+    store.write_bytes(
+        store.join_url(out, OUTCOMES_MD), outcomes_markdown(store.jsonable(results), store.jsonable(meta)).encode()
+    )
+    return store.jsonable(results)

@@ -25,6 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
+from lvm_ray import store
 from lvm_ray.evaluate import (
     DISPLAY_NAMES,
     METRICS_JSON,
@@ -32,11 +33,6 @@ from lvm_ray.evaluate import (
     ROC_PARQUET,
     TABLE_HEADERS,
     TABLE_JSON,
-    exists,
-    out_url,
-    read_json,
-    read_parquet,
-    write_bytes,
 )
 from lvm_ray.outcomes import (
     CUMULATIVE_INCIDENCE_PARQUET,
@@ -297,11 +293,15 @@ def forest_figure(results: dict[str, Any], label: str) -> Figure:
 
 
 def _evaluation_section(eval_dir: str) -> tuple[str, dict[str, Any]]:
-    metrics = read_json(out_url(eval_dir, METRICS_JSON))
-    table = read_json(out_url(eval_dir, TABLE_JSON)) if exists(out_url(eval_dir, TABLE_JSON)) else {"rows": []}
-    pairs = read_parquet(out_url(eval_dir, PAIRS_PARQUET))
-    roc_url = out_url(eval_dir, ROC_PARQUET)
-    roc = read_parquet(roc_url) if exists(roc_url) else pd.DataFrame(columns=["fpr", "tpr"])
+    metrics = store.read_json(store.join_url(eval_dir, METRICS_JSON))
+    table = (
+        store.read_json(store.join_url(eval_dir, TABLE_JSON))
+        if store.exists(store.join_url(eval_dir, TABLE_JSON))
+        else {"rows": []}
+    )
+    pairs = store.read_parquet(store.join_url(eval_dir, PAIRS_PARQUET))
+    roc_url = store.join_url(eval_dir, ROC_PARQUET)
+    roc = store.read_parquet(roc_url) if store.exists(roc_url) else pd.DataFrame(columns=["fpr", "tpr"])
 
     ba = metrics.get("bland_altman") or {}
     ci = metrics.get("pearson_r_ci") or [None, None]
@@ -387,12 +387,12 @@ def _evaluation_section(eval_dir: str) -> tuple[str, dict[str, Any]]:
 
 
 def _outcomes_section(outcomes_dir: str) -> str:
-    results = read_json(out_url(outcomes_dir, OUTCOMES_JSON))
-    meta_url = out_url(outcomes_dir, OUTCOMES_META_JSON)
-    meta = read_json(meta_url) if exists(meta_url) else {}
+    results = store.read_json(store.join_url(outcomes_dir, OUTCOMES_JSON))
+    meta_url = store.join_url(outcomes_dir, OUTCOMES_META_JSON)
+    meta = store.read_json(meta_url) if store.exists(meta_url) else {}
     label = meta.get("binary_exposure_label", "LVM-AI LVH")
-    curves_url = out_url(outcomes_dir, CUMULATIVE_INCIDENCE_PARQUET)
-    curves = read_parquet(curves_url) if exists(curves_url) else pd.DataFrame(columns=["outcome", "group"])
+    curves_url = store.join_url(outcomes_dir, CUMULATIVE_INCIDENCE_PARQUET)
+    curves = store.read_parquet(curves_url) if store.exists(curves_url) else pd.DataFrame(columns=["outcome", "group"])
 
     rows = []
     for name, r in results.items():
@@ -497,5 +497,5 @@ def render_report(eval_dir: str, outcomes_dir: str | None, out: str) -> str:
 </body>
 </html>
 """
-    write_bytes(out, document.encode("utf-8"))
+    store.write_bytes(out, document.encode("utf-8"))
     return out

@@ -58,6 +58,7 @@ import pandas as pd
 from scipy.signal import butter, sosfiltfilt
 
 from lvm_ray.schema import LEAD_INDEX, LEADS, N_LEADS, N_SAMPLES, SAMPLE_RATE_HZ, cart_column, true_column
+from lvm_ray.signals import normalise_sex
 
 Comparison = Literal["strict", "inclusive"]
 AmplitudeSource = Literal["measured", "cart", "true"]
@@ -171,18 +172,6 @@ class RulesConfig:
 # --------------------------------------------------------------------------------------------
 # Rules from amplitudes
 # --------------------------------------------------------------------------------------------
-
-
-def normalise_sex(value: Any) -> str | None:
-    """'M'/'F' from 'M', 'male', 'F', 'female', 'W' (any case); None for anything else."""
-    if not isinstance(value, str):
-        return None
-    key = value.strip().upper()
-    if key in ("M", "MALE", "MAN"):
-        return "M"
-    if key in ("F", "FEMALE", "W", "WOMAN"):
-        return "F"
-    return None
 
 
 def _compare(values: np.ndarray, threshold: np.ndarray | float, comparison: Comparison) -> pd.arrays.BooleanArray:
@@ -522,8 +511,12 @@ def _one_median_beat(
         corr = np.where(den > 0, (a * b).sum(-1) / den, 0.0)  # [B, 12]
     good = np.median(corr, axis=1) >= cfg.min_beat_correlation
     if good.sum() < cfg.min_beats:
-        return None, hr, int(good.sum()), nan12, (
-            f"too noisy: only {int(good.sum())} of {keep.size} beats match the median beat"
+        return (
+            None,
+            hr,
+            int(good.sum()),
+            nan12,
+            (f"too noisy: only {int(good.sum())} of {keep.size} beats match the median beat"),
         )
     aligned = aligned[good]
     # Remove each beat's own offset (residual wander, electrode jumps) before the median.
@@ -584,7 +577,8 @@ def measure_median_beats(
         median[i, unusable[i]] = np.nan
         if unusable[i].all():
             errors[i] = (
-                "no lead measurable (flat signal)" if flat[i].all()
+                "no lead measurable (flat signal)"
+                if flat[i].all()
                 else f"too noisy: every lead is flat or has median-beat noise > {cfg.max_lead_noise_uv:g} uV"
             )
         else:
@@ -625,9 +619,7 @@ def measure_median_beats(
     )
 
 
-def measure_batch(
-    ecg: np.ndarray, sex: Sequence[str | None], config: RulesConfig = RulesConfig()
-) -> pd.DataFrame:
+def measure_batch(ecg: np.ndarray, sex: Sequence[str | None], config: RulesConfig = RulesConfig()) -> pd.DataFrame:
     """Measure a batch of canonical ECGs and apply the voltage rules.
 
     ``ecg`` is [n, 12, 5000] (int16 or float) microvolts in the canonical lead order at 500 Hz;

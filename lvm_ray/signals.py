@@ -96,6 +96,15 @@ def normalise_lead_name(name: str) -> str:
     return canonical
 
 
+def normalise_sex(value: object) -> str | None:
+    """'M'/'F' from 'M', 'male', 'man', 'F', 'female', 'W', 'woman' (any case); None otherwise."""
+    if not isinstance(value, str):
+        return None
+    return {"M": "M", "MALE": "M", "MAN": "M", "F": "F", "FEMALE": "F", "W": "F", "WOMAN": "F"}.get(
+        value.strip().upper()
+    )
+
+
 def complete_leads(signals_uv: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Add the limb leads derivable from I and II (III, aVR, aVL, aVF) where a source lacks them."""
     out = dict(signals_uv)

@@ -55,7 +55,8 @@ class ShardInfo:
     sha256: str
 
 
-def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of a URL or path, and the path within it."""
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path.rstrip("/") or path
 
@@ -65,15 +66,15 @@ def join_url(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts)
 
 
-def _write_bytes(url: str, payload: bytes) -> None:
-    fs, path = _fs(url)
+def write_bytes(url: str, payload: bytes) -> None:
+    fs, path = filesystem(url)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as f:
         f.write(payload)
 
 
-def _read_bytes(url: str) -> bytes:
-    fs, path = _fs(url)
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
     with fs.open(path, "rb") as f:
         return f.read()
 
@@ -135,7 +136,7 @@ def write_shard(root: str, table: pa.Table, prefix: str = "part") -> ShardInfo:
     pq.write_table(table, buffer, compression="zstd", compression_level=1, row_group_size=256)
     payload = buffer.getvalue()
     relative = posixpath.join(SHARD_DIR, f"{prefix}-{uuid.uuid4().hex[:12]}.parquet")
-    _write_bytes(join_url(root, relative), payload)
+    write_bytes(join_url(root, relative), payload)
     return ShardInfo(relative, table.num_rows, len(payload), hashlib.sha256(payload).hexdigest())
 
 
@@ -147,13 +148,13 @@ def rejections_table(rejections: Iterable[Rejection | dict[str, Any]]) -> pa.Tab
 
 
 def dataset_exists(root: str) -> bool:
-    fs, path = _fs(root)
+    fs, path = filesystem(root)
     return fs.exists(posixpath.join(path, MANIFEST))
 
 
 def prepare_output(root: str, overwrite: bool) -> None:
     """Refuse to mix two datasets in one place unless asked to overwrite (then clear the old one)."""
-    fs, path = _fs(root)
+    fs, path = filesystem(root)
     if dataset_exists(root) or fs.exists(posixpath.join(path, SHARD_DIR)):
         if not overwrite:
             raise StoreError(f"{root} already holds a dataset; pass --overwrite to replace it")
@@ -174,7 +175,7 @@ def finalize(
     quarantine = rejections_table(rejections)
     buffer = io.BytesIO()
     pq.write_table(quarantine, buffer)
-    _write_bytes(join_url(root, QUARANTINE), buffer.getvalue())
+    write_bytes(join_url(root, QUARANTINE), buffer.getvalue())
     reasons = pd.Series(quarantine.column("reason").to_pylist(), dtype=object)
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -186,7 +187,7 @@ def finalize(
         "shards": [asdict(s) for s in sorted(shards, key=lambda s: s.path)],
         **(extra or {}),
     }
-    _write_bytes(join_url(root, MANIFEST), json.dumps(manifest, indent=2, default=str).encode())
+    write_bytes(join_url(root, MANIFEST), json.dumps(manifest, indent=2, default=str).encode())
     return manifest
 
 
@@ -241,7 +242,7 @@ class DatasetWriter:
 def read_manifest(root: str) -> dict[str, Any]:
     if not dataset_exists(root):
         raise StoreError(f"no dataset at {root} (no {MANIFEST}); create one with `lvm-ray ingest` or `lvm-ray synth`")
-    manifest = json.loads(_read_bytes(join_url(root, MANIFEST)))
+    manifest = json.loads(read_bytes(join_url(root, MANIFEST)))
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(
             f"{root} has schema version {manifest.get('schema_version')}, this lvm-ray reads {SCHEMA_VERSION}"
@@ -255,13 +256,13 @@ def shard_urls(root: str) -> list[str]:
 
 
 def read_shard(root: str, relative_path: str, columns: Sequence[str] | None = None) -> pa.Table:
-    fs, path = _fs(join_url(root, relative_path))
+    fs, path = filesystem(join_url(root, relative_path))
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=list(columns) if columns else None)
 
 
 def remove(root: str, relative_path: str) -> None:
-    fs, path = _fs(join_url(root, relative_path))
+    fs, path = filesystem(join_url(root, relative_path))
     fs.rm(path)
 
 
@@ -285,14 +286,14 @@ def dataset_schema(root: str) -> pa.Schema:
     urls = shard_urls(root)
     if not urls:
         raise StoreError(f"{root} has no shards")
-    fs, path = _fs(urls[0])
+    fs, path = filesystem(urls[0])
     with fs.open(path, "rb") as f:
         return pq.read_schema(f)
 
 
 def read_quarantine(root: str) -> pd.DataFrame:
     url = join_url(root, QUARANTINE)
-    fs, path = _fs(url)
+    fs, path = filesystem(url)
     if not fs.exists(path):
         return QUARANTINE_SCHEMA.empty_table().to_pandas()
     with fs.open(path, "rb") as f:
@@ -302,7 +303,7 @@ def read_quarantine(root: str) -> pd.DataFrame:
 def verify(root: str) -> None:
     """Check every shard against the manifest's size and checksum; raise StoreError naming the first bad one."""
     for shard in read_manifest(root)["shards"]:
-        payload = _read_bytes(join_url(root, shard["path"]))
+        payload = read_bytes(join_url(root, shard["path"]))
         if len(payload) != shard["bytes"] or hashlib.sha256(payload).hexdigest() != shard["sha256"]:
             raise StoreError(f"shard {shard['path']} of {root} does not match its manifest checksum")
 
@@ -313,12 +314,18 @@ def write_table(url: str, table: pd.DataFrame | pa.Table) -> None:
         table = pa.Table.from_pandas(table, preserve_index=False)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    _write_bytes(url, buffer.getvalue())
+    write_bytes(url, buffer.getvalue())
+
+
+def read_parquet(url: str) -> pd.DataFrame:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f).to_pandas()
 
 
 def read_side_table(url: str) -> pd.DataFrame:
     """Read a CSV or parquet table (labels, follow-up) from any URL."""
-    fs, path = _fs(url)
+    fs, path = filesystem(url)
     if not fs.exists(path):
         raise StoreError(f"table not found: {url}")
     with fs.open(path, "rb") as f:
@@ -327,12 +334,36 @@ def read_side_table(url: str) -> pd.DataFrame:
         return pq.read_table(f).to_pandas()
 
 
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return bool(fs.exists(path))
+
+
+def jsonable(value: Any) -> Any:
+    """numpy scalars -> Python, NaN/inf -> None (strict JSON), tuples -> lists, recursively."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if np.isfinite(value) else None
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return value
+
+
 def write_json(url: str, payload: dict[str, Any]) -> None:
-    _write_bytes(url, json.dumps(payload, indent=2, default=str).encode())
+    """Strict JSON (NaN -> null) that any reader can open."""
+    write_bytes(url, json.dumps(jsonable(payload), indent=2, allow_nan=False, default=str).encode())
 
 
 def read_json(url: str) -> dict[str, Any]:
-    return json.loads(_read_bytes(url))
+    return json.loads(read_bytes(url))
 
 
 def frame_to_arrow(frame: pd.DataFrame, known_types: pa.Schema | None = None) -> pa.Table:
