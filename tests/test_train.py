@@ -1,0 +1,264 @@
+"""The train stage: splits, the pure epoch helpers, and real Ray Train runs on small data.
+
+The Ray runs share the session cluster (conftest ``ray_cluster``) except the 2-node test,
+which starts its own ray.cluster_utils.Cluster in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from lvm_ray import store
+from lvm_ray.model import build_model, load_checkpoint, read_payload
+from lvm_ray.presets import get_preset
+from lvm_ray.train import (
+    SPLIT_CODES,
+    FaultInjection,
+    SplitSpec,
+    TrainError,
+    _autocast,
+    auroc,
+    build_trainer,
+    epoch_metrics,
+    featurize,
+    make_config,
+    train,
+    train_epoch,
+    validate_epoch,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- pure helpers -----------------------------------------------------------------------------------
+
+
+def test_hash_split_is_stable_patient_disjoint_and_near_the_fractions():
+    split = SplitSpec(test_fraction=0.2, val_fraction=0.25)
+    patients = [f"p{i // 3}" for i in range(6000)]  # 3 ECGs per patient
+    ecgs = [f"e{i}" for i in range(6000)]
+    codes = split.assign(patients, ecgs)
+    assert np.array_equal(codes, split.assign(patients, ecgs))  # stable
+    assert np.array_equal(codes[:300], split.assign(patients[:300], ecgs[:300]))  # batch-independent
+    frame = pd.DataFrame({"patient": patients, "split": codes})
+    assert (frame.groupby("patient")["split"].nunique() == 1).all()  # patient-disjoint
+    share = frame.drop_duplicates("patient")["split"].value_counts(normalize=True)
+    assert share[SPLIT_CODES["test"]] == pytest.approx(0.2, abs=0.03)
+    assert share[SPLIT_CODES["val"]] == pytest.approx(0.8 * 0.25, abs=0.03)
+    # ECGs without a patient id are their own patients.
+    assert set(split.assign([None, np.nan], ["a", "b"])) <= {0, 1, 2}
+
+
+def test_column_split_uses_values_and_excludes_missing():
+    split = SplitSpec(column="strat_fold", val_values=("8",), test_values=("9", "10"))
+    codes = split.assign([None] * 5, list("abcde"), [1, 8.0, "9", None, 7])
+    assert codes.tolist() == [0, 1, 2, -1, 0]
+    only = SplitSpec(column="strat_fold", val_values=("8",), train_values=("1",))
+    assert only.assign([None] * 3, list("abc"), [1, 2, 8]).tolist() == [0, -1, 1]
+    with pytest.raises(ValueError, match="val_values"):
+        SplitSpec(column="strat_fold")
+
+
+def test_auroc_matches_hand_computation():
+    assert auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert auroc(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert np.isnan(auroc(np.array([1, 1]), np.array([0.1, 0.2])))
+
+
+def test_epoch_helpers_learn_a_simple_signal():
+    """The pure train/validate helpers (shared with the single-process baseline) reduce the loss."""
+    preset = get_preset("lvm-cpu")
+    rng = np.random.default_rng(0)
+    ecg = (rng.normal(0, 50, (96, 12, 5000))).astype(np.int16)
+    mass = rng.normal(90, 25, 96)
+    wave = np.sin(np.arange(5000) / 500 * 2 * np.pi * 2)
+    ecg[:, 1] += (wave[None] * mass[:, None] * 10).astype(np.int16)  # voltage grows with LV mass
+    feats = featurize({"ecg": ecg, "lv_mass_g": mass}, preset)
+    assert feats["x"].shape == (96, 12, 1000) and feats["lvh"].tolist() == [-1] * 96
+
+    def batches():
+        for i in range(0, 96, 32):
+            yield {k: torch.from_numpy(v[i : i + 32]) for k, v in feats.items()}
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = build_model(preset)
+    optimizer = torch.optim.RAdam(model.parameters(), lr=3e-3)
+    losses = [train_epoch(model, batches(), optimizer, preset, torch.device("cpu")).loss for _ in range(12)]
+    after = validate_epoch(model, batches(), preset, torch.device("cpu"))
+    assert after.n == 96
+    assert losses[-1] < losses[0] / 2
+    arrays = after.arrays()
+    metrics = epoch_metrics(preset, arrays["main"], arrays["y"], arrays["lvh_prob"], arrays["lvh"])
+    assert metrics["n"] == 96 and metrics["pearson_r"] > 0.8
+
+
+def test_trainer_picks_gpus_and_nccl_when_asked(tmp_path):
+    gpu = build_trainer(make_config("data", str(tmp_path / "run"), "lvm-cpu", use_gpu=True, num_workers=4), {})
+    assert gpu.scaling_config.use_gpu and gpu.scaling_config.num_workers == 4
+    assert gpu.backend_config.backend == "nccl"
+    assert gpu.run_config.storage_path == str(tmp_path / "run") and gpu.run_config.failure_config.max_failures == 3
+    cpu = build_trainer(make_config("data", str(tmp_path / "run"), "lvm-cpu"), {})
+    assert not cpu.scaling_config.use_gpu and cpu.backend_config.backend == "gloo"
+    assert make_config("data", "run", "lvm-cpu", num_workers=4).per_worker_batch == 16  # global batch 64
+    with _autocast(torch.device("cpu")):  # bf16 autocast is for CUDA only
+        assert not torch.is_autocast_enabled("cpu")
+
+
+# --- Ray Train runs ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> str:
+    """A small synthetic cohort with a binary label and a fold column added."""
+    from lvm_ray.synth import extra_fields, generate_batch
+
+    root = str(tmp_path_factory.mktemp("cohort") / "data")
+    fields = [*extra_fields(), pa.field("big_heart", pa.int64()), pa.field("fold", pa.int64())]
+    writer = store.DatasetWriter(root, extra_fields=fields)
+    for lo in (0, 60):
+        batch = generate_batch(60, seed=3, start_index=lo)
+        table = batch.table.copy()
+        table["big_heart"] = (table["lv_mass_g"] > table["lv_mass_g"].median()).astype(int)
+        table["fold"] = np.arange(lo, lo + 60) % 5 + 1
+        writer.write(table, batch.ecg)
+    writer.close()
+    return root
+
+
+def _metrics_lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_end_to_end_then_rerun_resumes(ray_cluster, cohort, tmp_path):
+    run = tmp_path / "run"
+    result = train(cohort, str(run), preset="lvm-cpu", num_workers=2, max_epochs=2, batch_size=16)
+    assert result.epochs_run == 2 and result.resumed_from == []
+    assert result.split_counts["train"] > 0 and result.split_counts["val"] > 0 and result.split_counts["test"] > 0
+    assert sum(result.split_counts.values()) == 120
+    assert result.test_metrics is not None and result.test_metrics["n"] == result.split_counts["test"]
+    assert np.isfinite(result.val_metrics["mae"])
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "finished" and record["config"]["preset"]["name"] == "lvm-cpu"
+    assert [m["epoch"] for m in _metrics_lines(run)] == [1, 2]
+    split = pd.read_parquet(run / "split.parquet")
+    assert (split.groupby("patient_id")["split"].nunique() == 1).all()
+    loaded = load_checkpoint(str(run), expected_preset="lvm-cpu")
+    assert loaded.payload["epoch"] == result.best_epoch and loaded.payload["split"]["counts"] == result.split_counts
+    assert json.loads((run / "test_metrics.json").read_text())["split"] == "test"
+    assert any(p.is_dir() for p in (run / "ray").glob("checkpoint_*"))
+
+    # The same command again: the run is finished, nothing is retrained.
+    again = train(cohort, str(run), preset="lvm-cpu", num_workers=2, max_epochs=2, batch_size=16)
+    assert again.epochs_run == 2 and again.best_epoch == result.best_epoch
+    # More epochs: resumes from the latest checkpoint instead of starting over.
+    more = train(cohort, str(run), preset="lvm-cpu", num_workers=2, max_epochs=3, batch_size=16, evaluate_test=False)
+    assert more.resumed_from == [2] and more.epochs_run == 3
+    assert [m["epoch"] for m in _metrics_lines(run)] == [1, 2, 3]
+    # Another preset or target in the same RUN is refused.
+    with pytest.raises(TrainError, match="another run"):
+        train(cohort, str(run), preset="lvm-cpu", target="age", num_workers=2, max_epochs=1, batch_size=16)
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_cluster, cohort, tmp_path):
+    run = tmp_path / "run"
+    result = train(
+        cohort,
+        str(run),
+        preset="lvm-cpu",
+        num_workers=2,
+        max_epochs=2,
+        batch_size=16,
+        cache_inputs=True,
+        evaluate_test=False,
+        max_failures=2,
+        fault=FaultInjection(epoch=2, rank=1, after_batches=1),
+    )
+    assert (run / "_fault_injected").exists()  # the worker really was SIGKILLed in epoch 2
+    assert result.resumed_from == [1]  # ... and the restarted group resumed after epoch 1
+    assert result.epochs_run == 2
+    assert [m["epoch"] for m in _metrics_lines(run)] == [1, 2]
+    checkpoints = sorted(p for p in (run / "ray").glob("checkpoint_*") if p.is_dir())
+    final = read_payload(str(checkpoints[-1] / "model.pt"))
+    assert final["epoch"] == 2 and final["training_state"]["resumed_from"] == [1]
+
+
+def test_binary_target_with_split_column(ray_cluster, cohort, tmp_path):
+    run = tmp_path / "run"
+    result = train(
+        cohort,
+        str(run),
+        preset="lvm-cpu",
+        target="big_heart",
+        num_workers=2,
+        max_epochs=1,
+        batch_size=16,
+        split_column="fold",
+        val_values=["5"],
+        test_values=["4"],
+        cache_inputs=True,
+    )
+    assert result.task == "binary" and result.target == "big_heart"
+    assert result.split_counts == {"train": 72, "val": 24, "test": 24}
+    assert 0.0 <= result.val_metrics["auroc"] <= 1.0 and 0.0 <= result.test_metrics["auroc"] <= 1.0
+    loaded = load_checkpoint(str(run))
+    assert loaded.preset.target.loss == "bce" and loaded.preset.target.column == "big_heart"
+
+
+def test_bad_target_is_refused(ray_cluster, cohort, tmp_path):
+    with pytest.raises(TrainError, match="not in"):
+        train(cohort, str(tmp_path / "run"), target="no_such_column", max_epochs=1)
+
+
+_TWO_NODE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from lvm_ray.train import train
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        result = train(sys.argv[1], sys.argv[2], preset="lvm-cpu", num_workers=2, max_epochs=1, batch_size=16,
+                       placement_strategy="STRICT_SPREAD", evaluate_test=False)
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        print("RESULT " + json.dumps({"worker_nodes": result.worker_nodes, "cluster_nodes": nodes,
+                                      "epochs_run": result.epochs_run}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_node_cluster_one_worker_per_node(cohort, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _TWO_NODE_SCRIPT, cohort, str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT ") :])
+    assert out["epochs_run"] == 1
+    assert len(out["cluster_nodes"]) == 2
+    assert sorted(set(out["worker_nodes"])) == sorted(out["cluster_nodes"])  # one worker on each node
