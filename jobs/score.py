@@ -1,7 +1,8 @@
 """Ray job entrypoint: cohort-scale batch scoring (the `lvm-ray score` command, same flags).
 
     ray job submit --runtime-env jobs/runtime_env.yaml -- \
-        python jobs/score.py --data s3://bucket/ecg --checkpoint s3://bucket/runs/r1 --out s3://bucket/preds --address auto
+        python jobs/score.py --data s3://bucket/ecg --checkpoint s3://bucket/runs/r1 \
+        --out s3://bucket/preds --address auto
 """
 
 import sys

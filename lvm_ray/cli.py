@@ -170,7 +170,11 @@ def train(
         int | None, typer.Option(min=1, help="Upper bound on epochs (default: the preset's).")
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Per-worker batch size (default: the preset's).")
+        int | None, typer.Option(min=1, help="Global batch size, split across workers (default: the preset's).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the preset's).")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="'regression' or 'binary' for --target (default: inferred from the column).")
     ] = None,
     split_column: Annotated[
         str | None,
@@ -179,6 +183,12 @@ def train(
     val_values: Annotated[list[str] | None, typer.Option(help="Values of --split-column for validation.")] = None,
     test_values: Annotated[list[str] | None, typer.Option(help="Values of --split-column for the test split.")] = None,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per worker (fractions allowed).")] = 1.0,
+    cache_inputs: Annotated[
+        bool, typer.Option(help="Keep preprocessed inputs in the object store across epochs (small datasets).")
+    ] = False,
+    max_failures: Annotated[
+        int, typer.Option(min=0, help="Worker failures survived (restart from the last checkpoint).")
+    ] = 3,
     overwrite: Annotated[bool, typer.Option(help="Start over instead of resuming a run in RUN.")] = False,
     smoke_test: Annotated[bool, typer.Option(help="Two epochs, to check the plumbing.")] = False,
     address: AddressOption = None,
@@ -204,6 +214,10 @@ def train(
             test_values=tuple(test_values or ()),
             cpus_per_worker=cpus_per_worker,
             overwrite=overwrite,
+            lr=lr,
+            task=task,
+            cache_inputs=cache_inputs,
+            max_failures=max_failures,
         )
     except (TrainError, ValueError) as exc:
         _fail(str(exc))

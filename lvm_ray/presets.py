@@ -28,15 +28,13 @@ from typing import Any, Literal
 import numpy as np
 from scipy.signal import resample_poly
 
+from lvm_ray.lvh import LVHConfig, body_surface_area, lv_mass_index, lvh_from_lvmi
 from lvm_ray.schema import N_LEADS, N_SAMPLES, SAMPLE_RATE_HZ
 
 Task = Literal["regression", "binary"]
 LossName = Literal["asymmetric_outlier", "logcosh", "mse", "bce"]
 REGRESSION_LOSSES: tuple[str, ...] = ("asymmetric_outlier", "logcosh", "mse")
 BINARY_LOSSES: tuple[str, ...] = ("bce",)
-
-#: CMR LVH thresholds on LV mass index (g/m2), strict '>': DESIGN.md "LVH, from CMR and from the model".
-LVH_THRESHOLD_G_M2: dict[str, float] = {"M": 72.0, "F": 55.0}
 
 
 @dataclass(frozen=True)
@@ -364,19 +362,14 @@ def prepare_covariates(table: Mapping[str, Any], n: int, preset: Preset | str) -
     return out
 
 
-def lvh_labels(table: Mapping[str, Any], n: int, preset: Preset | str | None = None) -> np.ndarray:
-    """CMR LVH from LV mass, BSA (or Mosteller from height/weight) and sex: 1/0, or -1 where unknown."""
-    mass = covariate_values(table, "lv_mass_g", n)
-    height, weight = covariate_values(table, "height_cm", n), covariate_values(table, "weight_kg", n)
+def lvh_labels(table: Mapping[str, Any], n: int, config: LVHConfig = LVHConfig()) -> np.ndarray:
+    """CMR LVH (lvm_ray.lvh) from LV mass, BSA (or Mosteller from height/weight) and sex: 1/0, or -1 where unknown."""
     bsa = covariate_values(table, "bsa_m2", n)
-    with np.errstate(invalid="ignore"):
-        bsa = np.where(np.isfinite(bsa), bsa, np.sqrt(height * weight / 3600.0))  # Mosteller
-    sex = covariate_values(table, "sex", n)
-    threshold = np.where(sex == 1.0, LVH_THRESHOLD_G_M2["M"], np.where(sex == 0.0, LVH_THRESHOLD_G_M2["F"], np.nan))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lvmi = mass / bsa
-    known = np.isfinite(lvmi) & np.isfinite(threshold)
-    return np.where(known, (lvmi > np.nan_to_num(threshold)).astype(np.int64), -1)
+    from_size = body_surface_area(covariate_values(table, "height_cm", n), covariate_values(table, "weight_kg", n))
+    bsa = np.where(np.isfinite(bsa), bsa, from_size)
+    sex = np.array([{1.0: "M", 0.0: "F"}.get(v) for v in covariate_values(table, "sex", n)], dtype=object)
+    lvh = lvh_from_lvmi(lv_mass_index(covariate_values(table, "lv_mass_g", n), bsa), sex, config)
+    return lvh.astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
 
 
 def target_to_model(values: np.ndarray, preset: Preset | str) -> np.ndarray:
