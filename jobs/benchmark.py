@@ -1,9 +1,14 @@
 """Stage benchmarks: each measures a stage against its baseline in the same run and writes JSON.
 
-    python jobs/benchmark.py train --data DATA --out bench_train.json [--preset lvm-cpu] [--num-workers 2]
+    python jobs/benchmark.py synth  --n 10000 --out bench_synth.json
+    python jobs/benchmark.py ingest ../shared/data/ptbxl --out bench_ingest.json
+    python jobs/benchmark.py rules  --data DATA --out bench_rules.json
+    python jobs/benchmark.py train  --data DATA --out bench_train.json [--preset lvm-cpu] [--num-workers 2] [--use-gpu]
+    python jobs/benchmark.py score  --data DATA --checkpoint RUN --out bench_score.json
+    python jobs/benchmark.py serve  --checkpoint RUN --out bench_serve.json
 
-Subcommands register themselves in ``SUBCOMMANDS`` (name -> (add_arguments, run)); add others
-(ingest, rules, score, serve) beside ``train``.
+Each reports its stage next to a baseline measured in the same run (a plain loop, the raw model
+forward, a bare FastAPI app). Subcommands register in ``SUBCOMMANDS`` (name -> (add_arguments, run)).
 """
 
 from __future__ import annotations
@@ -142,10 +147,343 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --- synth ------------------------------------------------------------------------------------------
+
+
+def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--seed", type=int, default=1)
+
+
+def run_synth(args: argparse.Namespace) -> dict[str, Any]:
+    """`lvm-ray synth` wall time, against generating the same ECGs without writing them."""
+    from lvm_ray.synth import generate_batch, write_cohort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        write_cohort(args.n, args.seed, os.path.join(tmp, "cohort"))
+        total_s = time.perf_counter() - started
+    sample = min(args.n, 1000)
+    started = time.perf_counter()
+    generate_batch(sample, args.seed)
+    generate_s = (time.perf_counter() - started) * args.n / sample
+    return {
+        "n": args.n,
+        "synth_s": total_s,
+        "ecgs_per_s": args.n / total_s,
+        "baseline_generate_only_s": generate_s,
+        "ratio_to_generate_only": total_s / generate_s,
+    }
+
+
+# --- ingest -----------------------------------------------------------------------------------------
+
+
+def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="+", help="files / folders / PTB-XL root to ingest")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
+
+
+def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    """Ray Data ingest against a plain in-process loop (read + canonicalise, no writing) of the same files."""
+    from lvm_ray.ingest import IngestOptions, discover_sources, ingest, read_batch
+    from lvm_ray.ray_utils import connect
+
+    connect(args.address)
+    entries, _ = discover_sources(args.sources, IngestOptions())
+    started = time.perf_counter()
+    rows, _, rejections = read_batch(entries, IngestOptions())
+    baseline_s = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        result = ingest(args.sources, os.path.join(tmp, "ds"), use_ray=True)
+        ray_s = time.perf_counter() - started
+    return {
+        "n_sources": len(entries),
+        "stored": result.n_stored,
+        "quarantined": result.n_quarantined,
+        "ray_data_s": ray_s,
+        "ray_data_ecgs_per_s": len(entries) / ray_s,
+        "baseline_in_process_s": baseline_s,
+        "baseline_ecgs_per_s": len(entries) / baseline_s,
+        "speedup_vs_baseline": baseline_s / ray_s,
+        "cpus": os.cpu_count(),
+    }
+
+
+# --- rules ------------------------------------------------------------------------------------------
+
+
+def add_rules_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="dataset URL")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
+
+
+def run_rules(args: argparse.Namespace) -> dict[str, Any]:
+    """`lvm-ray rules` on Ray Data against measure_batch in one process over the same ECGs."""
+    from lvm_ray import store
+    from lvm_ray.measure import measure_rules
+    from lvm_ray.ray_utils import connect
+    from lvm_ray.rules import measure_batch
+
+    connect(args.address)
+    n = 0
+    baseline_s = 0.0
+    for table in store.iter_shards(args.data, columns=["ecg", "sex"]):
+        ecg = store.ecg_array(table)
+        started = time.perf_counter()
+        measure_batch(ecg, table.column("sex").to_pylist())
+        baseline_s += time.perf_counter() - started
+        n += len(ecg)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = measure_rules(args.data, os.path.join(tmp, "rules"))
+    return {
+        "n": n,
+        "baseline_one_process_s": baseline_s,
+        "ecgs_per_s_per_core": n / baseline_s,
+        "ray_data_s": result.seconds,
+        "ray_data_ecgs_per_s": n / result.seconds,
+        "cpus": os.cpu_count(),
+    }
+
+
+# --- score ------------------------------------------------------------------------------------------
+
+
+class _ClusterMemory:
+    """Peak resident memory of every process of the local Ray cluster and this driver, sampled."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        import threading
+
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+
+    def _run(self, interval_s: float) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in psutil.process_iter(["name", "cmdline", "memory_info"]):
+                try:
+                    cmd = " ".join(proc.info["cmdline"] or [])
+                    if proc.pid == me.pid or "ray" in (proc.info["name"] or "") or "ray/" in cmd or "ray::" in cmd:
+                        total += proc.info["memory_info"].rss
+                except (psutil.Error, TypeError):
+                    continue
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._stop.wait(interval_s)
+
+    def __enter__(self) -> _ClusterMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="dataset URL (e.g. a 30,000-ECG `lvm-ray synth` cohort)")
+    parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-actors", type=int, default=None)
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
+
+
+def run_score(args: argparse.Namespace) -> dict[str, Any]:
+    """Cohort scoring (model + rules, Ray Data actor pool) against the raw model forward in-process."""
+    import torch
+
+    from lvm_ray import store
+    from lvm_ray.predict import Predictor
+    from lvm_ray.ray_utils import connect
+    from lvm_ray.score import score
+
+    predictor = Predictor.from_checkpoint(args.checkpoint)
+    table = next(store.iter_shards(args.data, columns=["ecg"]))
+    ecg = store.ecg_array(table)[: args.batch_size * 4]
+    from lvm_ray.presets import prepare_input
+
+    x = torch.from_numpy(prepare_input(ecg, predictor.preset))
+    with torch.inference_mode():
+        predictor.model(x[: args.batch_size])  # warm-up
+        started = time.perf_counter()
+        for i in range(0, len(x), args.batch_size):
+            predictor.model(x[i : i + args.batch_size])
+        forward_s = time.perf_counter() - started
+    connect(args.address)
+    with tempfile.TemporaryDirectory() as tmp, _ClusterMemory() as memory:
+        result = score(
+            args.data,
+            args.checkpoint,
+            os.path.join(tmp, "preds"),
+            batch_size=args.batch_size,
+            num_actors=args.num_actors,
+        )
+    return {
+        "n": result.n_total,
+        "score_s": result.seconds,
+        "score_ecgs_per_s": result.n_total / result.seconds,
+        "raw_forward_ecgs_per_s": len(x) / forward_s,
+        "ratio_score_to_raw_forward": (result.n_total / result.seconds) / (len(x) / forward_s),
+        "peak_cluster_rss_gb": memory.peak_bytes / 1e9,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "model": result.model_version,
+    }
+
+
+# --- serve ------------------------------------------------------------------------------------------
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument(
+        "--record", default="tests/fixtures/ptbxl/records500/00000/00001_hr", help="WFDB record to post"
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
+
+
+def _load(url: str, body: bytes, concurrency: int, n_requests: int) -> dict[str, float]:
+    """Bounded closed-loop load: ``concurrency`` clients send ``n_requests`` in all; latency percentiles and rate."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def worker(count: int) -> list[float]:
+        latencies = []
+        with httpx.Client(timeout=120) as client:
+            for _ in range(count):
+                started = time.perf_counter()
+                response = client.post(url, content=body, headers={"content-type": "application/json"})
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - started)
+        return latencies
+
+    shares = [n_requests // concurrency + (i < n_requests % concurrency) for i in range(concurrency)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = [x for part in pool.map(worker, shares) for x in part]
+    wall = time.perf_counter() - started
+    return {
+        "p50_ms": float(np.percentile(latencies, 50) * 1000),
+        "p99_ms": float(np.percentile(latencies, 99) * 1000),
+        "rps": len(latencies) / wall,
+    }
+
+
+def _plain_fastapi(predictor: Any, port: int) -> Any:
+    """The baseline: a bare FastAPI + uvicorn app calling the same predictor, no Ray, no batching."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from lvm_ray.serve import PredictRequest, canonical_request, raw_from_request, response_from_row
+
+    app = FastAPI()
+
+    @app.post("/v1/predict")
+    def predict(body: PredictRequest) -> dict[str, Any]:
+        wave, metadata, warnings = canonical_request(raw_from_request(body))
+        row = predictor.predict(wave[None], {k: np.array([v], dtype=object) for k, v in metadata.items()})
+        return response_from_row(row.to_dict("records")[0], warnings)
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server
+
+
+def run_serve(args: argparse.Namespace) -> dict[str, Any]:
+    """Ray Serve app vs a plain FastAPI app vs the in-process call, at each concurrency, same run."""
+    import socket
+
+    import wfdb
+    from ray import serve
+
+    from lvm_ray.predict import Predictor
+    from lvm_ray.ray_utils import connect
+    from lvm_ray.serve import PredictRequest, build_app, canonical_request, raw_from_request
+
+    record = wfdb.rdrecord(args.record)
+    payload = {
+        "ecg": (record.p_signal.T * 1000).round(1).tolist(),
+        "leads": record.sig_name,
+        "sample_rate": record.fs,
+        "sex": "M",
+        "height_cm": 175,
+        "weight_kg": 80,
+    }
+    body = json.dumps(payload).encode()
+    predictor = Predictor.from_checkpoint(args.checkpoint)
+
+    def in_process() -> None:
+        wave, metadata, _ = canonical_request(raw_from_request(PredictRequest.model_validate_json(body)))
+        predictor.predict(wave[None], {k: np.array([v], dtype=object) for k, v in metadata.items()})
+
+    in_process()
+    started = time.perf_counter()
+    latencies = []
+    for _ in range(args.requests):
+        t0 = time.perf_counter()
+        in_process()
+        latencies.append(time.perf_counter() - t0)
+    results: dict[str, Any] = {
+        "in_process": {
+            "p50_ms": float(np.percentile(latencies, 50) * 1000),
+            "p99_ms": float(np.percentile(latencies, 99) * 1000),
+            "rps": args.requests / (time.perf_counter() - started),
+        }
+    }
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port = free_port()
+    server = _plain_fastapi(predictor, port)
+    results["plain_fastapi"] = {
+        str(c): _load(f"http://127.0.0.1:{port}/v1/predict", body, c, args.requests) for c in args.concurrency
+    }
+    server.should_exit = True
+    connect()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"checkpoint": args.checkpoint}), name="bench", route_prefix="/")
+    _load(f"http://127.0.0.1:{port}/v1/predict", body, 1, 4)  # warm-up
+    results["ray_serve"] = {
+        str(c): _load(f"http://127.0.0.1:{port}/v1/predict", body, c, args.requests) for c in args.concurrency
+    }
+    serve.shutdown()
+    results["ratio_rps_serve_to_fastapi"] = {
+        c: results["ray_serve"][c]["rps"] / results["plain_fastapi"][c]["rps"] for c in results["ray_serve"]
+    }
+    results["cpus"] = os.cpu_count()
+    return results
+
+
 # --- registry -----------------------------------------------------------------------------------------
 
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], dict]]] = {
+    "synth": (add_synth_arguments, run_synth),
+    "ingest": (add_ingest_arguments, run_ingest),
+    "rules": (add_rules_arguments, run_rules),
     "train": (add_train_arguments, run_train),
+    "score": (add_score_arguments, run_score),
+    "serve": (add_serve_arguments, run_serve),
 }
 
 
