@@ -295,6 +295,7 @@ def outcomes(
     out: Annotated[str, typer.Option(help="Folder for outcomes.json, cumulative incidence and tables.")],
 ) -> None:
     """Age- and sex-adjusted Cox models of incident AF, MI, HF, VA (and death) by predicted LVH."""
+    from lvm_ray.outcomes import format_hr, format_p
     from lvm_ray.outcomes import outcomes as run_outcomes
     from lvm_ray.store import StoreError
 
@@ -309,8 +310,8 @@ def outcomes(
         else:
             typer.echo(
                 f"  {name:<6s} n={r['n']} events={r['events']}: "
-                f"HR LVH {r['hr']:.2f} ({r['ci'][0]:.2f}-{r['ci'][1]:.2f}) P={r['p']:.2g}; "
-                f"per SD {r['hr_per_sd']:.2f} ({r['ci_per_sd'][0]:.2f}-{r['ci_per_sd'][1]:.2f})"
+                f"HR LVH {format_hr(r['hr'], r['ci'])} P={format_p(r['p'])}; "
+                f"per SD {format_hr(r['hr_per_sd'], r['ci_per_sd'])}"
             )
 
 
@@ -349,14 +350,18 @@ def serve(
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its data and outputs.")] = Path("demo_output"),
-    n: Annotated[int, typer.Option(min=100, help="Synthetic cohort size.")] = 2000,
+    n: Annotated[int, typer.Option(min=200, help="Size of the synthetic CMR (training) cohort.")] = 4000,
+    n_outpatient: Annotated[
+        int, typer.Option(min=200, help="Size of the outpatient cohort scored for outcomes.")
+    ] = 3000,
+    max_epochs: Annotated[int, typer.Option(min=1, help="Upper bound on training epochs.")] = 12,
     seed: Annotated[int, typer.Option()] = 7,
 ) -> None:
     """Run the whole study end to end on a generated cohort and the bundled real sample ECGs."""
     from lvm_ray.demo import run_demo
 
     _setup_logging(False)
-    run_demo(workdir=workdir, n=n, seed=seed)
+    run_demo(workdir=workdir, n=n, seed=seed, n_outpatient=n_outpatient, max_epochs=max_epochs)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -36,7 +36,7 @@ def run_demo(
     the voltage rules, and followed up for incident AF, MI, HF, VA and death.
     """
     from lvm_ray.evaluate import evaluate
-    from lvm_ray.outcomes import outcomes
+    from lvm_ray.outcomes import format_hr, outcomes
     from lvm_ray.report import render_report
     from lvm_ray.score import format_summary as format_score
     from lvm_ray.score import score
@@ -107,8 +107,8 @@ def run_demo(
     for name, r in results.items():
         if r.get("hr") is not None:
             typer.echo(
-                f"   {name:<6s} events {r['events']:>4d}  HR for predicted LVH {r['hr']:.2f} "
-                f"({r['ci'][0]:.2f}-{r['ci'][1]:.2f}); per SD of predicted LV mass {r['hr_per_sd']:.2f}"
+                f"   {name:<6s} events {r['events']:>4d}  HR for predicted LVH {format_hr(r['hr'], r['ci'])}; "
+                f"per SD of predicted LV mass {format_hr(r['hr_per_sd'], r['ci_per_sd'])}"
             )
     outputs["outcomes"] = outcomes_dir
 

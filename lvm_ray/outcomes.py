@@ -360,13 +360,17 @@ def analyse_outcome(
     return result, pd.concat(rows, ignore_index=True)
 
 
-def _fmt_hr(hr: Any, ci: Any) -> str:
+def format_hr(hr: Any, ci: Any) -> str:
+    """'1.23 (1.01-1.50)'; '-' when not estimated; open bounds (no events in a group) shown as such."""
     if hr is None:
         return "-"
-    return f"{hr:.2f} ({ci[0]:.2f}-{ci[1]:.2f})"
+    lo, hi = ci if ci else (None, None)
+    lo_text = "?" if lo is None else f"{lo:.2f}"
+    hi_text = "inf" if hi is None else f"{hi:.2f}"
+    return f"{hr:.2f} ({lo_text}-{hi_text})"
 
 
-def _fmt_p(p: Any) -> str:
+def format_p(p: Any) -> str:
     if p is None:
         return "-"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
@@ -386,8 +390,8 @@ def outcomes_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     for name, r in results.items():
         lines.append(
             f"| {OUTCOME_NAMES.get(name, name)} | {r['n']} | {r['events']} | {r['person_years']:.0f} | "
-            f"{_fmt_hr(r['hr'], r['ci'])} | {_fmt_p(r['p'])} | {_fmt_hr(r['hr_per_sd'], r['ci_per_sd'])} | "
-            f"{_fmt_p(r.get('p_per_sd'))} | {_fmt_p(r.get('ph_test_min_p'))} |"
+            f"{format_hr(r['hr'], r['ci'])} | {format_p(r['p'])} | {format_hr(r['hr_per_sd'], r['ci_per_sd'])} | "
+            f"{format_p(r.get('p_per_sd'))} | {format_p(r.get('ph_test_min_p'))} |"
         )
     notes = [f"- {OUTCOME_NAMES.get(n, n)}: {r['note']}" for n, r in results.items() if r.get("note")]
     if notes:

@@ -26,7 +26,15 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False)
+    # The dashboard (on 127.0.0.1) serves the State API that Ray Train's cleaner polls, and shows
+    # progress; Ray's own INFO chatter from workers is kept out of the terminal (it stays in the logs).
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        configure_logging=False,
+        logging_config=ray.LoggingConfig(log_level="WARNING"),
+    )
     log.info("started a local Ray with %d logical CPUs", cpus)
 
 

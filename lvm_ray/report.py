@@ -39,6 +39,7 @@ from lvm_ray.outcomes import (
     OUTCOME_NAMES,
     OUTCOMES_JSON,
     OUTCOMES_META_JSON,
+    format_hr,
 )
 
 #: Scatter plots switch to hexagonal binning above this many points (readable and small).
@@ -85,12 +86,6 @@ def _p(value: Any) -> str:
     if value is None:
         return "-"
     return "&lt;0.001" if value < 0.001 else f"{value:.3f}"
-
-
-def _hr(hr: Any, ci: Any) -> str:
-    if hr is None or not ci or ci[0] is None:
-        return "-"
-    return f"{hr:.2f} ({ci[0]:.2f}-{ci[1]:.2f})"
 
 
 def _thresholds(thresholds: Any) -> str:
@@ -233,7 +228,7 @@ def cumulative_incidence_figure(curves: pd.DataFrame, name: str, result: dict[st
                 lw=2,
                 label=text,
             )
-    hr_text = f"HR {_hr(result.get('hr'), result.get('ci'))}, P {_p(result.get('p')).replace('&lt;', '<')}"
+    hr_text = f"HR {format_hr(result.get('hr'), result.get('ci'))}, P {_p(result.get('p')).replace('&lt;', '<')}"
     ax.text(0.03, 0.95, hr_text, transform=ax.transAxes, va="top", fontsize=9)
     ax.set_xlabel("Years from ECG")
     ax.set_ylabel("Cumulative incidence (%)")
@@ -270,7 +265,7 @@ def forest_figure(results: dict[str, Any], label: str) -> Figure:
         for yi, name in zip(y, names, strict=True):
             r = results[name]
             hr, ci = r.get(hr_key), r.get(ci_key) or [None, None]
-            if hr is None or ci[0] is None:
+            if hr is None or ci[0] is None or ci[1] is None:
                 ax.text(1.0, yi, "not estimated", ha="center", va="center", fontsize=8, color="#888")
                 continue
             ax.plot([ci[0], ci[1]], [yi, yi], color=colour, lw=2)
@@ -402,9 +397,9 @@ def _outcomes_section(outcomes_dir: str) -> str:
                 _esc(r.get("n")),
                 _esc(r.get("events")),
                 _num(r.get("person_years"), 0),
-                _hr(r.get("hr"), r.get("ci")),
+                format_hr(r.get("hr"), r.get("ci")),
                 _p(r.get("p")),
-                _hr(r.get("hr_per_sd"), r.get("ci_per_sd")),
+                format_hr(r.get("hr_per_sd"), r.get("ci_per_sd")),
                 _p(r.get("p_per_sd")),
                 _p(r.get("ph_test_min_p")),
                 _esc(r.get("note", "")),

@@ -321,14 +321,51 @@ _N8 = len(INDEPENDENT_LEADS)
 # Named slots of each person's standard-normal and uniform vectors (order is part of the
 # generator version: never reorder, only append).
 _Z_NAMES = (
-    "height", "bmi", "lvm", "electrical", "qrs", "qtc", "axis", "posterior", "volt", "volt_limb",
-    "volt_prec", "septal", "apical", "lv_post", "terminal", "t", "p_ra", "p_la", "emg", "hum",
-    "wander", "p_dur", "t_dx", "t_dy", "t_dz", "septal_dx", "terminal_dx", "terminal_dy",
+    "height",
+    "bmi",
+    "lvm",
+    "electrical",
+    "qrs",
+    "qtc",
+    "axis",
+    "posterior",
+    "volt",
+    "volt_limb",
+    "volt_prec",
+    "septal",
+    "apical",
+    "lv_post",
+    "terminal",
+    "t",
+    "p_ra",
+    "p_la",
+    "emg",
+    "hum",
+    "wander",
+    "p_dur",
+    "t_dx",
+    "t_dy",
+    "t_dz",
+    "septal_dx",
+    "terminal_dx",
+    "terminal_dy",
     *(f"emg_{lead}" for lead in INDEPENDENT_LEADS),
 )
 _U_NAMES = (
-    "male", "age", "htn", "hr", "pr", "strain", "phase", "resp_hz", "resp_phase", "bad", "bad_lead",
-    "date", "hour", "hum_phase",
+    "male",
+    "age",
+    "htn",
+    "hr",
+    "pr",
+    "strain",
+    "phase",
+    "resp_hz",
+    "resp_phase",
+    "bad",
+    "bad_lead",
+    "date",
+    "hour",
+    "hum_phase",
 )
 _Z = {name: i for i, name in enumerate(_Z_NAMES)}
 _U = {name: i for i, name in enumerate(_U_NAMES)}
@@ -498,12 +535,7 @@ def _heart(cov: dict[str, np.ndarray], d: _Draws, cfg: SynthConfig) -> _Heart:
     p_dur = np.minimum(np.clip(cfg.p_duration_ms[0] + cfg.p_duration_ms[1] * d.zv("p_dur"), 75.0, 125.0), pr - 30.0)
     # Framingham: QTc = QT + 154 ms * (1 - RR), so QT shortens at faster rates; a wider QRS
     # lengthens the QT.
-    qt = (
-        cfg.qtc_ms[0]
-        + cfg.qtc_ms[1] * d.zv("qtc")
-        - 154.0 * (1.0 - rr_s)
-        + cfg.qt_per_qrs * (qrs - cfg.qrs_base_ms)
-    )
+    qt = cfg.qtc_ms[0] + cfg.qtc_ms[1] * d.zv("qtc") - 154.0 * (1.0 - rr_s) + cfg.qt_per_qrs * (qrs - cfg.qrs_base_ms)
     qt = np.clip(qt, qrs + 200.0, _TEMPLATE_POST_MS - 20.0)
 
     # --- voltage ---
@@ -534,8 +566,11 @@ def _heart(cov: dict[str, np.ndarray], d: _Draws, cfg: SynthConfig) -> _Heart:
         )
     )
     back = np.deg2rad(
-        np.clip(cfg.posterior_mean_deg + cfg.posterior_sd_deg * d.zv("posterior") + cfg.posterior_per_ze_deg * ze,
-                -15.0, 50.0)
+        np.clip(
+            cfg.posterior_mean_deg + cfg.posterior_sd_deg * d.zv("posterior") + cfg.posterior_per_ze_deg * ze,
+            -15.0,
+            50.0,
+        )
     )
     main_dir = np.stack([np.cos(axis) * np.cos(back), np.sin(axis) * np.cos(back), np.sin(back)], axis=1)
     # The posterobasal LV lobe follows the frontal axis loosely but points mostly backwards.
@@ -567,18 +602,27 @@ def _heart(cov: dict[str, np.ndarray], d: _Draws, cfg: SynthConfig) -> _Heart:
         (lobe_amp("p_ra"), p_ra_dir, p_on + 0.38 * p_dur, 0.38 * p_dur, 0.38 * p_dur),
         (lobe_amp("p_la"), p_la_dir, p_on + 0.62 * p_dur, 0.38 * p_dur, 0.38 * p_dur),
         # QRS, inside [0, qrs]: septum, apex, LV lateral wall, LV posterobasal wall, basal RV/LV.
-        (lobe_amp("septal") * np.exp(-0.1 * np.maximum(ze, 0)), septal_dir, 0.14 * qrs, 0.14 * qrs,
-         0.14 * qrs),
+        (lobe_amp("septal") * np.exp(-0.1 * np.maximum(ze, 0)), septal_dir, 0.14 * qrs, 0.14 * qrs, 0.14 * qrs),
         (lobe_amp("apical"), apical_dir, 0.32 * qrs, 0.22 * qrs, 0.22 * qrs),
         (cfg.lv_lateral_uv * mass_gain, main_dir, (0.45 + delay) * qrs, (0.30 + delay) * qrs, 0.27 * qrs),
-        (cfg.lv_posterior_uv * mass_gain * np.exp(cfg.lobe_log_sd * d.zv("lv_post")), post_dir,
-         (0.60 + delay) * qrs, 0.25 * qrs, 0.25 * qrs),
+        (
+            cfg.lv_posterior_uv * mass_gain * np.exp(cfg.lobe_log_sd * d.zv("lv_post")),
+            post_dir,
+            (0.60 + delay) * qrs,
+            0.25 * qrs,
+            0.25 * qrs,
+        ),
         (lobe_amp("terminal"), terminal_dir, 0.82 * qrs, 0.18 * qrs, 0.18 * qrs),
         # ST strain: starts at the J point, opposite the main QRS vector (lateral depression).
         (cfg.st_depression_uv * strain, -main_dir, st_centre, st_centre - qrs, t_peak - st_centre),
         # T wave: asymmetric, ends at QT; flatter with mass.
-        (lobe_amp("t") * np.exp(cfg.t_log_per_ze * ze) * (1.0 - 0.25 * strain), t_dir, t_peak,
-         0.6 * t_width, 0.4 * t_width),
+        (
+            lobe_amp("t") * np.exp(cfg.t_log_per_ze * ze) * (1.0 - 0.25 * strain),
+            t_dir,
+            t_peak,
+            0.6 * t_width,
+            0.4 * t_width,
+        ),
     ]
     return _Heart(qrs, hr, pr, qt, strain, lobes, lead_gain)
 

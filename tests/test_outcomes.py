@@ -238,9 +238,7 @@ def test_synthetic_generator_hazard_ratios_are_recovered(tmp_path) -> None:
     people, followup = synth.generate_people(n, seed, config=config)  # generate_batch's rows, no waveforms
     truth = synth.truth(config, n, seed)
     table = people[["ecg_id", "patient_id", "age", "sex", "bsa_m2", "lv_mass_g"]]
-    results = outcomes(
-        table, followup, str(tmp_path), exposure_column="lv_mass_g", exposure_sd=truth["lv_mass_sd_g"]
-    )
+    results = outcomes(table, followup, str(tmp_path), exposure_column="lv_mass_g", exposure_sd=truth["lv_mass_sd_g"])
     assert set(truth["log_hr_per_sd_lv_mass"]) <= set(results)
     for name, log_hr in truth["log_hr_per_sd_lv_mass"].items():
         r = results[name]
@@ -257,3 +255,28 @@ def test_lvh_pred_column_used_when_bsa_is_unknown(cohort, tmp_path) -> None:
     meta = json.loads((tmp_path / "outcomes_meta.json").read_text())
     assert meta["binary_exposure"] == "column lvh_pred" and meta["n_lvh"] == int(predictions["lvh_flag"].sum())
     assert results["va"]["ci"][0] <= math.exp(LOG_HR_LVH_VA) <= results["va"]["ci"][1]
+
+
+def test_no_events_in_the_lvh_group_is_reported_not_a_crash(cohort, tmp_path) -> None:
+    """An undertrained model can flag few people: an HR with an open CI must still be written and shown."""
+    from lvm_ray.outcomes import format_hr
+    from lvm_ray.report import render_report
+
+    predictions, followup = cohort
+    flagged = predictions["lvh_flag"].to_numpy()
+    followup = followup.copy()
+    followup.loc[flagged, "va_event"] = False  # nobody with predicted LVH has a VA event
+    table = predictions.drop(columns=["bsa_m2", "lvmi_pred", "lv_mass_g"]).assign(lvh_pred=flagged)
+    results = outcomes(table, followup, str(tmp_path / "outcomes"), outcome_names=["va"])
+    va = results["va"]
+    assert va["events"] > 0 and (va["hr"] is None or va["hr"] < 0.05)
+    assert "va" in (tmp_path / "outcomes" / "outcomes.md").read_text().lower()
+    assert format_hr(0.0, [0.0, None]) == "0.00 (0.00-inf)" and format_hr(None, None) == "-"
+    eval_dir = tmp_path / "eval"
+    from lvm_ray.evaluate import evaluate
+    from tests.test_evaluate import make_predictions
+
+    evaluate(make_predictions(), str(eval_dir))
+    html = tmp_path / "r.html"
+    render_report(str(eval_dir), str(tmp_path / "outcomes"), str(html))
+    assert "fig-forest" in html.read_text()

@@ -111,9 +111,7 @@ def detect_format(path: str) -> str:
             return _XML_ROOTS[root]
         if root in _UNSUPPORTED_XML_ROOTS:
             raise ECGReadError(_UNSUPPORTED_XML_ROOTS[root])
-        raise ECGReadError(
-            f"unrecognised XML root element <{root}>: not a GE MUSE, GE CardioSoft or HL7 aECG file"
-        )
+        raise ECGReadError(f"unrecognised XML root element <{root}>: not a GE MUSE, GE CardioSoft or HL7 aECG file")
     raise ECGReadError(f"unsupported file type {ext or '(no suffix)'!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}")
 
 
@@ -176,8 +174,18 @@ def read_ecg(path: str, *, sample_rate_hz: float | None = None) -> RawECG:
 # ----------------------------------------------------------------------------- shared helpers
 
 _UV_PER_UNIT = {
-    "nv": 1e-3, "uv": 1.0, "µv": 1.0, "μv": 1.0, "microvolt": 1.0, "microvolts": 1.0,
-    "mv": 1e3, "millivolt": 1e3, "millivolts": 1e3, "v": 1e6, "volt": 1e6, "volts": 1e6,
+    "nv": 1e-3,
+    "uv": 1.0,
+    "µv": 1.0,
+    "μv": 1.0,
+    "microvolt": 1.0,
+    "microvolts": 1.0,
+    "mv": 1e3,
+    "millivolt": 1e3,
+    "millivolts": 1e3,
+    "v": 1e6,
+    "volt": 1e6,
+    "volts": 1e6,
 }
 
 
@@ -219,11 +227,25 @@ def age_in_years(value: float | None, unit: str | None) -> float | None:
         return None
     u = (unit or "years").strip().lower()
     factor = {
-        "years": 1.0, "year": 1.0, "a": 1.0, "y": 1.0, "yr": 1.0,
-        "months": 1 / 12, "month": 1 / 12, "mo": 1 / 12, "m": 1 / 12,
-        "weeks": 7 / 365.25, "week": 7 / 365.25, "wk": 7 / 365.25, "w": 7 / 365.25,
-        "days": 1 / 365.25, "day": 1 / 365.25, "d": 1 / 365.25,
-        "hours": 1 / 8766, "hour": 1 / 8766, "h": 1 / 8766,
+        "years": 1.0,
+        "year": 1.0,
+        "a": 1.0,
+        "y": 1.0,
+        "yr": 1.0,
+        "months": 1 / 12,
+        "month": 1 / 12,
+        "mo": 1 / 12,
+        "m": 1 / 12,
+        "weeks": 7 / 365.25,
+        "week": 7 / 365.25,
+        "wk": 7 / 365.25,
+        "w": 7 / 365.25,
+        "days": 1 / 365.25,
+        "day": 1 / 365.25,
+        "d": 1 / 365.25,
+        "hours": 1 / 8766,
+        "hour": 1 / 8766,
+        "h": 1 / 8766,
     }.get(u)
     if factor is None:
         return None

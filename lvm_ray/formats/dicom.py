@@ -31,11 +31,27 @@ from lvm_ray.signals import ECGReadError, RawECG, normalise_lead_name
 
 #: Lead numbers shared by the SCP-ECG ('5.6.3-9-N') and MDC ('2:N') coding schemes.
 _LEAD_NUMBERS = {
-    1: "I", 2: "II", 3: "V1", 4: "V2", 5: "V3", 6: "V4", 7: "V5", 8: "V6",
-    61: "III", 62: "aVR", 63: "aVL", 64: "aVF",
+    1: "I",
+    2: "II",
+    3: "V1",
+    4: "V2",
+    5: "V3",
+    6: "V4",
+    7: "V5",
+    8: "V6",
+    61: "III",
+    62: "aVR",
+    63: "aVL",
+    64: "aVF",
 }
-_DTYPES = {(8, "SB"): np.int8, (8, "UB"): np.uint8, (16, "SS"): np.int16, (16, "US"): np.uint16,
-           (32, "SL"): np.int32, (32, "UL"): np.uint32}
+_DTYPES = {
+    (8, "SB"): np.int8,
+    (8, "UB"): np.uint8,
+    (16, "SS"): np.int16,
+    (16, "US"): np.uint16,
+    (32, "SL"): np.int32,
+    (32, "UL"): np.uint32,
+}
 
 
 def _lead_name(channel: pydicom.Dataset) -> str | None:
@@ -128,9 +144,7 @@ def read_dicom(path: str, *, sample_rate_hz: float | None = None) -> RawECG:
     raw = _samples(group)
     channels = list(group.get("ChannelDefinitionSequence") or [])
     if len(channels) != raw.shape[1]:
-        raise ECGReadError(
-            f"DICOM: {raw.shape[1]} waveform channels but {len(channels)} channel definitions"
-        )
+        raise ECGReadError(f"DICOM: {raw.shape[1]} waveform channels but {len(channels)} channel definitions")
     signals: dict[str, np.ndarray] = {}
     for i, channel in enumerate(channels):
         lead = _lead_name(channel)

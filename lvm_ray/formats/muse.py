@@ -70,9 +70,7 @@ def _decode_lead(lead_data: ET.Element, index: int) -> tuple[str, np.ndarray]:
         raise ECGReadError(f"{where}: WaveFormData is not valid base64 ({exc})") from exc
     expected_bytes = to_float(_text(lead_data, "LeadByteCountTotal"))
     if expected_bytes is not None and len(data) < expected_bytes:
-        raise ECGReadError(
-            f"{where}: waveform is truncated (expected {int(expected_bytes)} bytes, found {len(data)})"
-        )
+        raise ECGReadError(f"{where}: waveform is truncated (expected {int(expected_bytes)} bytes, found {len(data)})")
     crc = _text(lead_data, "LeadDataCRC32")
     if crc and crc.isdigit() and zlib.crc32(data) != int(crc):
         raise ECGReadError(f"{where}: waveform fails its CRC32 check (data corrupt)")

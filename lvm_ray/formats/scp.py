@@ -23,8 +23,18 @@ from lvm_ray.signals import ECGReadError, RawECG
 
 #: SCP-ECG lead identification codes (section 3) of the 12 standard leads.
 _SCP_LEADS = {
-    1: "I", 2: "II", 3: "V1", 4: "V2", 5: "V3", 6: "V4", 7: "V5", 8: "V6",
-    61: "III", 62: "aVR", 63: "aVL", 64: "aVF",
+    1: "I",
+    2: "II",
+    3: "V1",
+    4: "V2",
+    5: "V3",
+    6: "V4",
+    7: "V5",
+    8: "V6",
+    61: "III",
+    62: "aVR",
+    63: "aVL",
+    64: "aVF",
 }
 _DEFAULT_HUFFMAN = 19999
 _SECTION_HEADER = 16
@@ -204,9 +214,7 @@ def read_scp(path: str, *, sample_rate_hz: float | None = None) -> RawECG:
     n_leads, flags = sec3[_SECTION_HEADER], sec3[_SECTION_HEADER + 1]
     if flags & 0x01:
         raise ECGReadError("SCP-ECG: reference-beat subtraction is used, which this reader does not support")
-    leads = [
-        struct.unpack_from("<IIB", sec3, _SECTION_HEADER + 2 + 9 * i) for i in range(n_leads)
-    ]
+    leads = [struct.unpack_from("<IIB", sec3, _SECTION_HEADER + 2 + 9 * i) for i in range(n_leads)]
 
     n_tables = 0
     if 2 in sections and len(sections[2]) >= _SECTION_HEADER + 2:

@@ -21,8 +21,16 @@ from lvm_ray.signals import ECGReadError, RawECG, normalise_lead_name
 
 #: Bytes per sample of the uncompressed WFDB signal formats (FLAC formats 5xx are not checked).
 _BYTES_PER_SAMPLE = {
-    "8": 1.0, "16": 2.0, "24": 3.0, "32": 4.0, "61": 2.0, "80": 1.0, "160": 2.0,
-    "212": 1.5, "310": 4 / 3, "311": 4 / 3,
+    "8": 1.0,
+    "16": 2.0,
+    "24": 3.0,
+    "32": 4.0,
+    "61": 2.0,
+    "80": 1.0,
+    "160": 2.0,
+    "212": 1.5,
+    "310": 4 / 3,
+    "311": 4 / 3,
 }
 
 
@@ -52,9 +60,7 @@ def _check_signal_files(header: wfdb.Record, directory: str) -> None:
         expected = offset + math.ceil(header.sig_len * samples_per_frame * bytes_per_sample)
         found = os.path.getsize(fpath)
         if found < expected:
-            raise ECGReadError(
-                f"WFDB: signal file {fname} is truncated (expected {expected} bytes, found {found})"
-            )
+            raise ECGReadError(f"WFDB: signal file {fname} is truncated (expected {expected} bytes, found {found})")
 
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
