@@ -240,8 +240,9 @@ def cumulative_incidence_figure(curves: pd.DataFrame, name: str, result: dict[st
 
 def _hr_ticks(ax: Any, values: list[float]) -> None:
     """Readable ticks on a log hazard-ratio axis (matplotlib's log labels crowd on short ranges)."""
-    lo = min([1.0, *values]) / 1.15
-    hi = max([1.0, *values]) * 1.15
+    finite = [v for v in values if v is not None and 0 < v < math.inf]  # a log axis cannot show 0 or inf
+    lo = min([1.0, *finite]) / 1.15
+    hi = max([1.0, *finite]) * 1.15
     ax.set_xlim(lo, hi)
     candidates = [0.1, 0.2, 0.25, 0.33, 0.5, 0.67, 0.75, 1, 1.25, 1.5, 2, 3, 4, 5, 8, 10, 20, 50]
     ticks = [t for t in candidates if lo <= t <= hi]
