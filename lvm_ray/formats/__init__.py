@@ -31,6 +31,21 @@ __all__ = [
 ]
 
 #: File suffixes the registry knows (lower case). For WFDB only ``.hea`` is listed by discovery.
+#: Lead numbers shared by the SCP-ECG ('5.6.3-9-N', section 3) and MDC ('2:N') coding schemes.
+SCP_LEAD_CODES: dict[int, str] = {
+    1: "I",
+    2: "II",
+    3: "V1",
+    4: "V2",
+    5: "V3",
+    6: "V4",
+    7: "V5",
+    8: "V6",
+    61: "III",
+    62: "aVR",
+    63: "aVL",
+    64: "aVF",
+}
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".hea", ".dat", ".xml", ".npy", ".npz", ".dcm", ".scp")
 
 #: Format name -> (module, reader function, human label used in error messages).
@@ -250,16 +265,6 @@ def age_in_years(value: float | None, unit: str | None) -> float | None:
     if factor is None:
         return None
     return plausible(value * factor, 0.0, 130.0)
-
-
-def sex_code(text: str | None) -> str | None:
-    """'M' / 'F' from MALE/FEMALE/M/F (any case); None otherwise."""
-    t = (text or "").strip().upper()
-    if t in ("M", "MALE"):
-        return "M"
-    if t in ("F", "FEMALE"):
-        return "F"
-    return None
 
 
 def parse_datetime(text: str | None, formats: tuple[str, ...]) -> datetime | None:

@@ -19,12 +19,11 @@ from lvm_ray.formats import (
     file_stem,
     plausible_height_cm,
     plausible_weight_kg,
-    sex_code,
     to_float,
     uv_per_unit,
 )
 from lvm_ray.schema import cart_column
-from lvm_ray.signals import ECGReadError, RawECG, normalise_lead_name
+from lvm_ray.signals import ECGReadError, RawECG, normalise_lead_name, normalise_sex
 
 
 def _text(elem: ET.Element | None, path: str) -> str | None:
@@ -141,7 +140,7 @@ def read_cardiosoft(path: str, *, sample_rate_hz: float | None = None) -> RawECG
         patient_id=_text(info, "PID") or None,
         ecg_datetime=_observation_datetime(root),
         age=age_in_years(to_float(_text(info, "Age")), _unit(info, "Age")),
-        sex=sex_code(_text(info, "Gender")),
+        sex=normalise_sex(_text(info, "Gender")),
         height_cm=plausible_height_cm(height),
         weight_kg=plausible_weight_kg(weight),
         cart_measurements=_measurement_table(root),

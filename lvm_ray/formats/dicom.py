@@ -18,32 +18,17 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from lvm_ray.formats import (
+    SCP_LEAD_CODES,
     age_in_years,
     file_stem,
     parse_datetime,
     plausible_height_cm,
     plausible_weight_kg,
-    sex_code,
     to_float,
     uv_per_unit,
 )
-from lvm_ray.signals import ECGReadError, RawECG, normalise_lead_name
+from lvm_ray.signals import ECGReadError, RawECG, normalise_lead_name, normalise_sex
 
-#: Lead numbers shared by the SCP-ECG ('5.6.3-9-N') and MDC ('2:N') coding schemes.
-_LEAD_NUMBERS = {
-    1: "I",
-    2: "II",
-    3: "V1",
-    4: "V2",
-    5: "V3",
-    6: "V4",
-    7: "V5",
-    8: "V6",
-    61: "III",
-    62: "aVR",
-    63: "aVL",
-    64: "aVF",
-}
 _DTYPES = {
     (8, "SB"): np.int8,
     (8, "UB"): np.uint8,
@@ -62,8 +47,8 @@ def _lead_name(channel: pydicom.Dataset) -> str | None:
     item = source[0]
     code = str(item.get("CodeValue", "") or "")
     match = re.fullmatch(r"(?:5\.6\.3-9-|2:)(\d+)", code)
-    if match and int(match.group(1)) in _LEAD_NUMBERS:
-        return _LEAD_NUMBERS[int(match.group(1))]
+    if match and int(match.group(1)) in SCP_LEAD_CODES:
+        return SCP_LEAD_CODES[int(match.group(1))]
     meaning = re.sub(r"\(.*?\)", "", str(item.get("CodeMeaning", "") or "")).strip()
     try:
         return normalise_lead_name(meaning)
@@ -172,7 +157,7 @@ def read_dicom(path: str, *, sample_rate_hz: float | None = None) -> RawECG:
         patient_id=str(ds.get("PatientID", "") or "") or None,
         ecg_datetime=_acquired(ds),
         age=_age(ds),
-        sex=sex_code(str(ds.get("PatientSex", "") or "")),
+        sex=normalise_sex(str(ds.get("PatientSex", "") or "")),
         height_cm=plausible_height_cm(size * 100.0 if size is not None else None),  # PatientSize is in metres
         weight_kg=plausible_weight_kg(to_float(str(ds.get("PatientWeight", "") or ""))),
     )

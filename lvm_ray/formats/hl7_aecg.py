@@ -20,8 +20,8 @@ from datetime import datetime
 
 import numpy as np
 
-from lvm_ray.formats import age_in_years, file_stem, parse_datetime, sex_code, to_float, uv_per_unit
-from lvm_ray.signals import ECGReadError, RawECG, normalise_lead_name
+from lvm_ray.formats import age_in_years, file_stem, parse_datetime, to_float, uv_per_unit
+from lvm_ray.signals import ECGReadError, RawECG, normalise_lead_name, normalise_sex
 
 _SECONDS_PER_UNIT = {"s": 1.0, "sec": 1.0, "ms": 1e-3, "us": 1e-6}
 
@@ -102,7 +102,7 @@ def _patient(root: ET.Element, acquired: datetime | None) -> dict:
             age = age_in_years((acquired - born).days / 365.25, "years")
     return {
         "patient_id": patient_id,
-        "sex": sex_code(gender.get("code") if gender is not None else None),
+        "sex": normalise_sex(gender.get("code") if gender is not None else None),
         "age": age,
     }
 

@@ -28,12 +28,11 @@ from lvm_ray.formats import (
     parse_datetime,
     plausible_height_cm,
     plausible_weight_kg,
-    sex_code,
     to_float,
     uv_per_unit,
 )
 from lvm_ray.schema import DURATION_S, cart_column
-from lvm_ray.signals import ECGReadError, RawECG, normalise_lead_name
+from lvm_ray.signals import ECGReadError, RawECG, normalise_lead_name, normalise_sex
 
 #: Lead order of the 12SL measurement matrix (checked against the median beats, see below).
 _MATRIX_LEADS = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6", "III", "aVR", "aVL", "aVF")
@@ -199,7 +198,7 @@ def read_muse(path: str, *, sample_rate_hz: float | None = None) -> RawECG:
         patient_id=_text(demo, "PatientID") or None,
         ecg_datetime=acquired,
         age=age_in_years(to_float(_text(demo, "PatientAge")), _text(demo, "AgeUnits")),
-        sex=sex_code(_text(demo, "Gender")),
+        sex=normalise_sex(_text(demo, "Gender")),
         height_cm=height,
         weight_kg=weight,
         cart_measurements=_measurement_matrix(root),

@@ -18,24 +18,9 @@ from datetime import date, datetime, time
 
 import numpy as np
 
-from lvm_ray.formats import age_in_years, file_stem, plausible_height_cm, plausible_weight_kg
+from lvm_ray.formats import SCP_LEAD_CODES, age_in_years, file_stem, plausible_height_cm, plausible_weight_kg
 from lvm_ray.signals import ECGReadError, RawECG
 
-#: SCP-ECG lead identification codes (section 3) of the 12 standard leads.
-_SCP_LEADS = {
-    1: "I",
-    2: "II",
-    3: "V1",
-    4: "V2",
-    5: "V3",
-    6: "V4",
-    7: "V5",
-    8: "V6",
-    61: "III",
-    62: "aVR",
-    63: "aVL",
-    64: "aVF",
-}
 _DEFAULT_HUFFMAN = 19999
 _SECTION_HEADER = 16
 
@@ -234,7 +219,7 @@ def read_scp(path: str, *, sample_rate_hz: float | None = None) -> RawECG:
     for (start, end, lead_code), size in zip(leads, sizes, strict=True):
         chunk = sec6[pos : pos + size]
         pos += size
-        lead = _SCP_LEADS.get(lead_code)
+        lead = SCP_LEAD_CODES.get(lead_code)
         if lead is None:
             continue  # a non-standard lead (V7, X, ...)
         if len(chunk) < size:

@@ -16,8 +16,8 @@ from datetime import datetime
 import numpy as np
 import wfdb
 
-from lvm_ray.formats import age_in_years, sex_code, to_float, uv_per_unit
-from lvm_ray.signals import ECGReadError, RawECG, normalise_lead_name
+from lvm_ray.formats import age_in_years, to_float, uv_per_unit
+from lvm_ray.signals import ECGReadError, RawECG, normalise_lead_name, normalise_sex
 
 #: Bytes per sample of the uncompressed WFDB signal formats (FLAC formats 5xx are not checked).
 _BYTES_PER_SAMPLE = {
@@ -190,5 +190,5 @@ def read_wfdb(path: str, *, sample_rate_hz: float | None = None) -> RawECG:
         ecg_id=record_name,
         ecg_datetime=ecg_datetime,
         age=age_in_years(to_float(fields.get("age")), "years"),
-        sex=sex_code(fields.get("sex") or fields.get("gender")),
+        sex=normalise_sex(fields.get("sex") or fields.get("gender")),
     )
