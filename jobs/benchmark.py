@@ -479,6 +479,102 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+# --- train-quality -----------------------------------------------------------------------------------
+
+
+def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="dataset URL")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--preset", default="lvm-cpu")
+    parser.add_argument("--target", default=None, help="column to learn (default: the preset's)")
+    parser.add_argument("--split-column", default=None)
+    parser.add_argument("--val-values", nargs="*", default=[])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
+
+
+def _split_arrays(data: str, preset: Any, split: Any, which: str) -> dict[str, np.ndarray]:
+    """One split's labelled rows as model inputs in memory (the plain loop's data)."""
+    from lvm_ray import store
+    from lvm_ray.train import featurize, keep_mask
+
+    columns = None  # every column: covariates, target and split column, whatever the preset needs
+    parts = []
+    for table in store.iter_shards(data, columns=columns):
+        batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names if c != "ecg"}
+        batch["ecg"] = store.ecg_array(table)
+        keep = keep_mask(batch, split, preset.target.column, which)
+        parts.append(featurize({k: v[keep] for k, v in batch.items()}, preset))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def run_quality(args: argparse.Namespace) -> dict[str, Any]:
+    """Model quality: Ray Train (2 workers, streamed) vs a plain single-process PyTorch loop, same
+    preset, split, optimiser, schedule and epochs; each keeps its best epoch by validation loss."""
+    import torch
+
+    from lvm_ray.model import build_model, read_payload
+    from lvm_ray.presets import Preset
+    from lvm_ray.train import SplitSpec, epoch_metrics, train, train_epoch, validate_epoch
+
+    split = SplitSpec(column=args.split_column, val_values=tuple(args.val_values), test_fraction=0.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        result = train(
+            args.data,
+            os.path.join(tmp, "run"),
+            preset=args.preset,
+            target=args.target,
+            num_workers=args.num_workers,
+            max_epochs=args.epochs,
+            address=args.address,
+            split_column=args.split_column,
+            val_values=tuple(args.val_values),
+            test_fraction=0.0,
+            evaluate_test=False,
+            cache_inputs=True,
+        )
+        ray_s = time.perf_counter() - started
+        preset = Preset.from_dict(read_payload(os.path.join(tmp, "run", "model.pt"))["preset"])
+    train_arrays = {k: torch.from_numpy(v) for k, v in _split_arrays(args.data, preset, split, "train").items()}
+    val_arrays = {k: torch.from_numpy(v) for k, v in _split_arrays(args.data, preset, split, "val").items()}
+    torch.manual_seed(0)
+    torch.set_num_threads(args.num_workers)
+    model = build_model(preset)
+    optim = preset.optim
+    optimizer = torch.optim.RAdam(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=optim.plateau_factor, patience=optim.plateau_patience
+    )
+    n, device = len(train_arrays["y"]), torch.device("cpu")
+
+    def batches(arrays: dict[str, Any], shuffle: bool) -> Any:
+        order = torch.randperm(len(arrays["y"])) if shuffle else torch.arange(len(arrays["y"]))
+        for i in range(0, len(order), optim.batch_size):
+            yield {k: v[order[i : i + optim.batch_size]] for k, v in arrays.items()}
+
+    best: dict[str, Any] = {"val_loss": float("inf")}
+    started = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        train_epoch(model, batches(train_arrays, True), optimizer, preset, device)
+        preds = validate_epoch(model, batches(val_arrays, False), preset, device)
+        val_loss = preds.loss_sum / preds.n
+        scheduler.step(val_loss)
+        if val_loss < best["val_loss"]:
+            best = {"val_loss": val_loss, "epoch": epoch, **epoch_metrics(preset, **preds.arrays())}
+    plain_s = time.perf_counter() - started
+    return {
+        "preset": preset.name,
+        "target": preset.target.column,
+        "train_rows": n,
+        "val_rows": len(val_arrays["y"]),
+        "epochs": args.epochs,
+        "ray_train": {"best_epoch": result.best_epoch, **result.val_metrics, "wall_s": ray_s},
+        "plain_pytorch": {**best, "train_wall_s": plain_s},
+    }
+
+
 # --- registry -----------------------------------------------------------------------------------------
 
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], dict]]] = {
@@ -486,6 +582,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable
     "ingest": (add_ingest_arguments, run_ingest),
     "rules": (add_rules_arguments, run_rules),
     "train": (add_train_arguments, run_train),
+    "train-quality": (add_quality_arguments, run_quality),
     "score": (add_score_arguments, run_score),
     "serve": (add_serve_arguments, run_serve),
 }
