@@ -4,9 +4,9 @@ Requests are turned into canonical ECGs by the ingest code (``lvm_ray.signals`` 
 readers) and predicted by ``lvm_ray.predict.Predictor``: the very path batch scoring uses.
 Nothing runs at import: ``build_app`` (the Serve app builder) binds the deployment.
 
-    serve run lvm_ray.serve:build_app checkpoint=runs/demo
+    serve run lvm_ray.serve:build_app checkpoint=demo_output/run
     serve deploy jobs/serve_config.yaml
-    lvm-ray serve --checkpoint runs/demo --port 8000
+    lvm-ray serve --checkpoint demo_output/run --port 8000
 """
 
 # No `from __future__ import annotations` here: Serve re-wraps the ingress methods, and FastAPI

@@ -533,7 +533,7 @@ def test_serve_config_parses_and_names_the_project_app(name: str) -> None:
 def test_local_serve_config_listens_on_localhost_8000() -> None:
     config = _serve_configs()["jobs/serve_config.yaml"]
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
-    assert config["applications"][0]["args"] == {"checkpoint": "runs/demo"}
+    assert config["applications"][0]["args"] == {"checkpoint": "demo_output/run"}
 
 
 def test_cluster_serve_config_is_reachable_from_the_service() -> None:
