@@ -234,7 +234,7 @@ def score(
     data: Annotated[str, typer.Option(help="Dataset URL or path.")],
     checkpoint: Annotated[str, typer.Option(help="Run folder or checkpoint file (any URL).")],
     out: Annotated[str, typer.Option(help="Predictions folder (any URL); a re-run completes it without duplicates.")],
-    batch_size: Annotated[int, typer.Option(min=1, help="ECGs per model call.")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="ECGs per model call (memory grows with it).")] = 64,
     num_actors: Annotated[
         int | None, typer.Option(min=1, help="Model replicas (default: one per GPU, or CPUs/2).")
     ] = None,

@@ -14,6 +14,9 @@ from lvm_ray import store
 log = logging.getLogger(__name__)
 
 
+EMBEDDED_OBJECT_STORE_BYTES = 2 * 1024**3
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join a cluster (``auto``, ``ray://...``) or start an embedded local Ray (address None).
 
@@ -30,6 +33,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     # progress; Ray's own INFO chatter from workers is kept out of the terminal (it stays in the logs).
     ray.init(
         num_cpus=cpus,
+        # Streaming stages keep only a few ~120 MB shards in flight; a 2 GB store bounds a laptop's
+        # memory (Ray's default is 30% of RAM) without slowing them down.
+        object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         configure_logging=False,

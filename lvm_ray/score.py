@@ -113,7 +113,7 @@ def score(
     out: str,
     *,
     loader: ModelLoader | None = None,
-    batch_size: int = 128,
+    batch_size: int = 64,
     num_actors: int | None = None,
     use_gpu: bool | None = None,
     overwrite: bool = False,
