@@ -44,8 +44,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     log.info("started a local Ray with %d logical CPUs", cpus)
 
 
-def read_ecg_dataset(root: str, columns: Sequence[str] | None = None) -> ray.data.Dataset:
-    """The dataset's manifested shards as a Ray Dataset (waveforms keep their [12, 5000] shape)."""
+def read_ecg_dataset(
+    root: str, columns: Sequence[str] | None = None, read_concurrency: int | None = None
+) -> ray.data.Dataset:
+    """The dataset's manifested shards as a Ray Dataset (waveforms keep their [12, 5000] shape).
+
+    ``read_concurrency`` caps the shard reads in flight: a consumer slower than reading (model
+    plus rules) needs few, and each holds a decoded ~120 MB shard in a worker's memory.
+    """
     urls = store.shard_urls(root)
     if not urls:
         raise store.StoreError(f"{root} has no shards")
@@ -57,6 +63,11 @@ def read_ecg_dataset(root: str, columns: Sequence[str] | None = None) -> ray.dat
     previous = context.use_datasource_v2
     context.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(urls, columns=list(columns) if columns else None, override_num_blocks=len(urls))
+        return ray.data.read_parquet(
+            urls,
+            columns=list(columns) if columns else None,
+            override_num_blocks=len(urls),
+            concurrency=read_concurrency,
+        )
     finally:
         context.use_datasource_v2 = previous

@@ -151,12 +151,12 @@ def score(
     n_total = int(manifest["n_rows"])
     log.info("scoring %d ECGs (%d already scored) with %s", n_total, len(done_ids), version)
     if len(done_ids) < n_total:
-        dataset = read_ecg_dataset(data)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        actors = num_actors or (gpus if use_gpu else max(1, min(4, cpus // 2)))
+        dataset = read_ecg_dataset(data, read_concurrency=max(1, actors // 2))
         carried = pa.schema(
             [f for f in store.dataset_schema(data) if f.name != "ecg" and not f.name.startswith(_NOT_CARRIED_PREFIXES)]
         )
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        actors = num_actors or (gpus if use_gpu else max(1, min(4, cpus // 2)))
         predictions = dataset.map_batches(
             ScoreBatch,
             fn_constructor_kwargs={"loader": loader, "carried": carried, "skip_ids": frozenset(done_ids)},
