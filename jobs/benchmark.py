@@ -43,24 +43,32 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
 
 
-def _baseline_inputs(data: str, preset: Any, rows: int) -> dict[str, np.ndarray]:
-    """The first ``rows`` labelled training-split rows, preprocessed, as in-memory arrays."""
+def _split_arrays(data: str, preset: Any, split: Any, which: str, max_rows: int | None = None) -> dict[str, np.ndarray]:
+    """One split's labelled rows (up to ``max_rows``), preprocessed, as in-memory arrays."""
     from lvm_ray import store
-    from lvm_ray.train import SplitSpec, featurize, keep_mask
+    from lvm_ray.train import featurize, keep_mask
 
-    split = SplitSpec()
-    columns = [c for c in ("ecg_id", "patient_id", "ecg", preset.target.column)]
     parts: list[dict[str, np.ndarray]] = []
     have = 0
-    for table in store.iter_shards(data, columns=columns):
-        batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns if c != "ecg"}
+    for table in store.iter_shards(data):
+        batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names if c != "ecg"}
         batch["ecg"] = store.ecg_array(table)
-        keep = keep_mask(batch, split, preset.target.column, "train")
+        keep = keep_mask(batch, split, preset.target.column, which)
         parts.append(featurize({k: v[keep] for k, v in batch.items()}, preset))
         have += int(keep.sum())
-        if have >= rows:
+        if max_rows is not None and have >= max_rows:
             break
-    return {k: np.concatenate([p[k] for p in parts])[:rows] for k in parts[0]}
+    return {k: np.concatenate([p[k] for p in parts])[:max_rows] for k in parts[0]}
+
+
+def _batches(tensors: dict[str, Any], batch_size: int, shuffle: bool) -> Any:
+    """Mini-batches of in-memory tensors (the baselines' data loader)."""
+    import torch
+
+    n = len(tensors["y"])
+    order = torch.randperm(n) if shuffle else torch.arange(n)
+    for i in range(0, n, batch_size):
+        yield {k: v[order[i : i + batch_size]] for k, v in tensors.items()}
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,7 +85,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if args.use_gpu and torch.cuda.is_available() else "cpu")
 
     # Baseline: same model, global batch size and total threads; data already in memory.
-    arrays = _baseline_inputs(args.data, preset, args.baseline_rows)
+    from lvm_ray.train import SplitSpec
+
+    arrays = _split_arrays(args.data, preset, SplitSpec(), "train", max_rows=args.baseline_rows)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(preset).to(device)
@@ -85,15 +95,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
     n = len(arrays["y"])
 
-    def batches():
-        order = torch.randperm(n)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            yield {k: v[idx] for k, v in tensors.items()}
-
     baseline_epochs = []
     for _ in range(args.epochs):
-        stats = train_epoch(model, batches(), optimizer, preset, device)
+        stats = train_epoch(model, _batches(tensors, batch_size, True), optimizer, preset, device)
         baseline_epochs.append(stats.n / stats.seconds)
 
     # Ray Train on the whole training split, streamed from the shards.
@@ -517,21 +521,6 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
 
 
-def _split_arrays(data: str, preset: Any, split: Any, which: str) -> dict[str, np.ndarray]:
-    """One split's labelled rows as model inputs in memory (the plain loop's data)."""
-    from lvm_ray import store
-    from lvm_ray.train import featurize, keep_mask
-
-    columns = None  # every column: covariates, target and split column, whatever the preset needs
-    parts = []
-    for table in store.iter_shards(data, columns=columns):
-        batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names if c != "ecg"}
-        batch["ecg"] = store.ecg_array(table)
-        keep = keep_mask(batch, split, preset.target.column, which)
-        parts.append(featurize({k: v[keep] for k, v in batch.items()}, preset))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
 def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     """Model quality: Ray Train (2 workers, streamed) vs a plain single-process PyTorch loop, same
     preset, split, optimiser, schedule and epochs; each keeps its best epoch by validation loss."""
@@ -572,16 +561,11 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     )
     n, device = len(train_arrays["y"]), torch.device("cpu")
 
-    def batches(arrays: dict[str, Any], shuffle: bool) -> Any:
-        order = torch.randperm(len(arrays["y"])) if shuffle else torch.arange(len(arrays["y"]))
-        for i in range(0, len(order), optim.batch_size):
-            yield {k: v[order[i : i + optim.batch_size]] for k, v in arrays.items()}
-
     best: dict[str, Any] = {"val_loss": float("inf")}
     started = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
-        train_epoch(model, batches(train_arrays, True), optimizer, preset, device)
-        preds = validate_epoch(model, batches(val_arrays, False), preset, device)
+        train_epoch(model, _batches(train_arrays, optim.batch_size, True), optimizer, preset, device)
+        preds = validate_epoch(model, _batches(val_arrays, optim.batch_size, False), preset, device)
         val_loss = preds.loss_sum / preds.n
         scheduler.step(val_loss)
         if val_loss < best["val_loss"]:
