@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import posixpath
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from sklearn.metrics import roc_curve
 
 from lvm_ray import signals, store
@@ -75,51 +71,6 @@ ROC_PARQUET = "roc.parquet"
 # --------------------------------------------------------------------------------------------
 # I/O helpers (shared with outcomes and report)
 # --------------------------------------------------------------------------------------------
-
-
-def read_table_any(source: str | pd.DataFrame, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """A DataFrame, a parquet/CSV file, or a folder of parquet files (any fsspec URL) -> DataFrame.
-
-    A folder is read file by file and concatenated with permissive type promotion, because
-    writers such as Ray Data may give a column null type in one file and a real type in another.
-    Files whose name starts with '_' or '.' (e.g. _SUCCESS) are ignored, and so is a store's
-    quarantine.parquet. ``columns``: read only those that exist (others are simply absent).
-    """
-    if isinstance(source, pd.DataFrame):
-        frame = source.copy()
-        return frame[[c for c in columns if c in frame.columns]] if columns is not None else frame
-    fs, path = store.filesystem(str(source))
-    if not fs.exists(path):
-        raise FileNotFoundError(f"predictions/table not found: {source}")
-    if fs.isdir(path):
-        files = sorted(
-            p
-            for p in fs.find(path)
-            if p.endswith(".parquet")
-            and not posixpath.basename(p).startswith(("_", "."))
-            and posixpath.basename(p) != "quarantine.parquet"
-        )
-        if not files:
-            raise FileNotFoundError(f"no parquet files under {source}")
-    else:
-        files = [path]
-    tables = []
-    for file in files:
-        if file.endswith((".csv", ".csv.gz", ".tsv")):
-            with fs.open(file, "rb") as f:
-                frame = pd.read_csv(f, sep="\t" if file.endswith(".tsv") else ",", compression="infer")
-            tables.append(pa.Table.from_pandas(frame, preserve_index=False))
-            continue
-        with fs.open(file, "rb") as f:
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            wanted = [c for c in columns if c in names] if columns is not None else None
-            tables.append(pf.read(columns=wanted))
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    frame = table.to_pandas()
-    if columns is not None:
-        frame = frame[[c for c in columns if c in frame.columns]]
-    return frame
 
 
 def normalise_sex(values: pd.Series) -> pd.Series:
@@ -439,7 +390,9 @@ def evaluate(
     used where present. Rows with a missing label or prediction are excluded and counted
     ("n_excluded", "exclusions"). Returns the metrics dict (as written to metrics.json).
     """
-    raw = read_table_any(predictions, columns=None if isinstance(predictions, pd.DataFrame) else PREDICTION_COLUMNS)
+    raw = store.read_any_table(
+        predictions, columns=None if isinstance(predictions, pd.DataFrame) else PREDICTION_COLUMNS
+    )
     n_input = len(raw)
     df, exclusions, mismatch = prepare_evaluation_frame(raw, lvh_config)
     metrics, roc = compute_metrics(df, ci_method=ci_method)

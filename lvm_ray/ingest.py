@@ -350,7 +350,7 @@ def ingest(
     entries, found_labels = discover_sources(sources, options)
     if not entries:
         raise FileNotFoundError(f"no ECG files found in {', '.join(sources)}")
-    user_labels = store.read_side_table(labels) if isinstance(labels, str) else labels
+    user_labels = store.read_any_table(labels) if isinstance(labels, str) else labels
     label_table = prepare_labels(user_labels, found_labels)
     schema = shard_schema(label_fields(label_table))
     store.prepare_output(out, overwrite=overwrite)

@@ -38,7 +38,6 @@ import pandas as pd
 from lvm_ray import store
 from lvm_ray.evaluate import (
     normalise_sex,
-    read_table_any,
 )
 from lvm_ray.lvh import LVHConfig, lv_mass_index, lvh_from_lvmi
 
@@ -455,8 +454,8 @@ def outcomes(
         ]
     )
     # Read only what the models need: a predictions table may carry many rule/amplitude columns.
-    preds = read_table_any(predictions, columns=None if isinstance(predictions, pd.DataFrame) else list(wanted))
-    fu = read_table_any(followup)
+    preds = store.read_any_table(predictions, columns=None if isinstance(predictions, pd.DataFrame) else list(wanted))
+    fu = store.read_any_table(followup)
     cohort, counts = _join(preds, fu, exposure_column)
     if cohort.empty:
         raise ValueError("no ECG of the predictions has a follow-up row (join on ecg_id is empty)")

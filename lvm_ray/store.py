@@ -323,15 +323,49 @@ def read_parquet(url: str) -> pd.DataFrame:
         return pq.read_table(f).to_pandas()
 
 
-def read_side_table(url: str) -> pd.DataFrame:
-    """Read a CSV or parquet table (labels, follow-up) from any URL."""
-    fs, path = filesystem(url)
+def read_any_table(source: str | pd.DataFrame, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """A DataFrame, a parquet/CSV file, or a folder of parquet files (any fsspec URL) -> DataFrame.
+
+    A folder is read file by file and concatenated with permissive type promotion, because
+    writers such as Ray Data may give a column null type in one file and a real type in another.
+    Files whose name starts with '_' or '.' (e.g. _SUCCESS) are ignored, and so is a store's
+    quarantine.parquet. ``columns``: read only those that exist (others are simply absent).
+    """
+    if isinstance(source, pd.DataFrame):
+        frame = source.copy()
+        return frame[[c for c in columns if c in frame.columns]] if columns is not None else frame
+    fs, path = filesystem(str(source))
     if not fs.exists(path):
-        raise StoreError(f"table not found: {url}")
-    with fs.open(path, "rb") as f:
-        if path.endswith((".csv", ".csv.gz", ".tsv")):
-            return pd.read_csv(f, sep="\t" if path.endswith(".tsv") else ",", compression="infer")
-        return pq.read_table(f).to_pandas()
+        raise FileNotFoundError(f"table not found: {source}")
+    if fs.isdir(path):
+        files = sorted(
+            p
+            for p in fs.find(path)
+            if p.endswith(".parquet")
+            and not posixpath.basename(p).startswith(("_", "."))
+            and posixpath.basename(p) != "quarantine.parquet"
+        )
+        if not files:
+            raise FileNotFoundError(f"no parquet files under {source}")
+    else:
+        files = [path]
+    tables = []
+    for file in files:
+        if file.endswith((".csv", ".csv.gz", ".tsv")):
+            with fs.open(file, "rb") as f:
+                frame = pd.read_csv(f, sep="\t" if file.endswith(".tsv") else ",", compression="infer")
+            tables.append(pa.Table.from_pandas(frame, preserve_index=False))
+            continue
+        with fs.open(file, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            wanted = [c for c in columns if c in names] if columns is not None else None
+            tables.append(pf.read(columns=wanted))
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    frame = table.to_pandas()
+    if columns is not None:
+        frame = frame[[c for c in columns if c in frame.columns]]
+    return frame
 
 
 def exists(url: str) -> bool:

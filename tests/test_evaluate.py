@@ -13,8 +13,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from lvm_ray import stats
-from lvm_ray.evaluate import C_STATISTIC_NAMES, evaluate, read_table_any
+from lvm_ray.evaluate import C_STATISTIC_NAMES, evaluate
 from lvm_ray.lvh import LVHConfig
+from lvm_ray.store import read_any_table
 
 DESIGN_KEYS = {"n", "pearson_r", "pearson_r_ci", "mae_g", "c_statistics", "delong_p"}
 
@@ -167,7 +168,7 @@ def test_folder_of_parquet_files_and_fsspec_output(tmp_path, predictions) -> Non
     second = second.set_column(second.schema.get_field_index("lvh_prob"), "lvh_prob", pa.nulls(len(second)))
     pq.write_table(second, folder / "part-1.parquet")
     (folder / "_SUCCESS").write_text("")
-    assert len(read_table_any(str(folder))) == len(predictions)
+    assert len(read_any_table(str(folder))) == len(predictions)
     from_folder = evaluate(str(folder), "memory://lvm-ray-test/eval")
     from_frame = evaluate(predictions, str(tmp_path / "eval"))
     assert from_folder["n"] == from_frame["n"] == len(predictions)

@@ -459,9 +459,16 @@ def test_lead_names_from_each_format() -> None:
 
 def test_detect_format_and_discovery(tmp_path: Path) -> None:
     expected = {
-        PTB_500[0].with_suffix(".hea"): "wfdb", PTB_500[0].with_suffix(".dat"): "wfdb", PTB_500[0]: "wfdb",
-        MUSE_500: "muse", MUSE_250: "muse", CARDIOSOFT: "cardiosoft", AECG: "hl7_aecg", AECG_13: "hl7_aecg",
-        DICOM_500: "dicom", SCP: "scp",
+        PTB_500[0].with_suffix(".hea"): "wfdb",
+        PTB_500[0].with_suffix(".dat"): "wfdb",
+        PTB_500[0]: "wfdb",
+        MUSE_500: "muse",
+        MUSE_250: "muse",
+        CARDIOSOFT: "cardiosoft",
+        AECG: "hl7_aecg",
+        AECG_13: "hl7_aecg",
+        DICOM_500: "dicom",
+        SCP: "scp",
     }
     for path, fmt in expected.items():
         assert detect_format(str(path)) == fmt, path.name

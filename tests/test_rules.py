@@ -273,12 +273,18 @@ def test_one_rules_function_for_measured_cart_and_truth() -> None:
     amp = rng.uniform(0, 2500, (n, 2, N_LEADS))
     sex = rng.choice(["M", "F", None], n)
     qrs = rng.uniform(70, 130, n)
-    measured = pd.DataFrame({measured_column(k, lead): amp[:, i, j] for i, k in enumerate("rs") for j, lead in
-                             enumerate(LEADS)} | {"qrs_ms": qrs, "sex": sex})
-    cart = pd.DataFrame({cart_column(k, lead): amp[:, i, j] for i, k in enumerate("rs") for j, lead in
-                         enumerate(LEADS)} | {"cart_qrs_ms": qrs, "sex": sex})
-    truth = pd.DataFrame({true_column(k, lead): amp[:, i, j] for i, k in enumerate("rs") for j, lead in
-                          enumerate(LEADS)} | {"true_qrs_ms": qrs, "sex": sex})
+    measured = pd.DataFrame(
+        {measured_column(k, lead): amp[:, i, j] for i, k in enumerate("rs") for j, lead in enumerate(LEADS)}
+        | {"qrs_ms": qrs, "sex": sex}
+    )
+    cart = pd.DataFrame(
+        {cart_column(k, lead): amp[:, i, j] for i, k in enumerate("rs") for j, lead in enumerate(LEADS)}
+        | {"cart_qrs_ms": qrs, "sex": sex}
+    )
+    truth = pd.DataFrame(
+        {true_column(k, lead): amp[:, i, j] for i, k in enumerate("rs") for j, lead in enumerate(LEADS)}
+        | {"true_qrs_ms": qrs, "sex": sex}
+    )
     ours = rules_from_amplitudes(measured)
     from_cart = cart_rules(cart)
     from_truth = rules_from_amplitudes(truth, source="true")
@@ -346,8 +352,10 @@ def test_synthetic_rules_agree_with_truth_rules(synthetic: tuple[pd.DataFrame, p
     truth = rules_from_amplitudes(table, source="true")
     for column in RULES_VS_TRUTH:
         agree = (out[column] == truth["true_" + column]).fillna(False).mean()
-        print(f"{column}: agreement with truth-based rule {agree:.3f} (truth prevalence "
-              f"{truth['true_' + column].mean():.3f})")
+        print(
+            f"{column}: agreement with truth-based rule {agree:.3f} (truth prevalence "
+            f"{truth['true_' + column].mean():.3f})"
+        )
         assert agree >= 0.98, column
 
 

@@ -72,8 +72,24 @@ def test_shapes_columns_and_ids(cohort):
     assert cohort.ecg.shape == (N, len(LEADS), N_SAMPLES) and cohort.ecg.dtype == np.int16
     table = cohort.table
     assert len(table) == len(cohort.followup) == N
-    for name in ("ecg_id", "patient_id", "ecg_datetime", "source_format", "source_uri", "original_fs", "age", "sex",
-                 "height_cm", "weight_kg", "bsa_m2", "lv_mass_g", "hypertension", "bmi", "true_qrs_ms", "true_hr_bpm"):
+    for name in (
+        "ecg_id",
+        "patient_id",
+        "ecg_datetime",
+        "source_format",
+        "source_uri",
+        "original_fs",
+        "age",
+        "sex",
+        "height_cm",
+        "weight_kg",
+        "bsa_m2",
+        "lv_mass_g",
+        "hypertension",
+        "bmi",
+        "true_qrs_ms",
+        "true_hr_bpm",
+    ):
         assert name in table.columns, name
     for lead in LEADS:
         assert (table[true_column("r", lead)] >= 0).all() and (table[true_column("s", lead)] >= 0).all()
@@ -345,6 +361,6 @@ def test_write_cohort_writes_shards_followup_and_truth(tmp_path):
     batch = generate_batch(30, 3)
     order = np.argsort(table.column("ecg_id").to_pylist())
     np.testing.assert_array_equal(store.ecg_array(table)[order], batch.ecg)
-    followup = store.read_side_table(f"{out}/followup.parquet")
+    followup = store.read_any_table(f"{out}/followup.parquet")
     assert len(followup) == 30 and "hf_time_years" in followup.columns
     assert store.read_json(f"{out}/truth.json")["seed"] == 3
