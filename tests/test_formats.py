@@ -19,7 +19,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 FMT = FIXTURES / "formats"
 PTB = FIXTURES / "ptbxl"
 MUSE_500 = FMT / "ge_muse" / "musephi_muse_ecg1.xml"
-MUSE_250 = FMT / "ge_muse" / "ml4h_muse_ecg_deidentified_1.xml"
+MUSE_240 = FMT / "ge_muse" / "ml4h_muse_ecg_deidentified_1.xml"
 CARDIOSOFT = FMT / "ge_cardiosoft" / "ml4h_ukbb_scrubbed.xml"
 AECG = FMT / "hl7_aecg" / "hl7_example_aECG.xml"
 AECG_13 = FMT / "hl7_aecg" / "fda_minimum_aecg_13samples.xml"
@@ -186,19 +186,69 @@ def read_median_beat(path: Path) -> dict[str, np.ndarray]:
     }
 
 
-def test_muse_250hz_file_is_10s_at_250hz_not_240() -> None:
-    raw = read_ecg(str(MUSE_250))
-    # Waveform SampleBase says 240 but ECGSampleBase 250: 2500 samples are 10 s only at 250 Hz
-    assert raw.sample_rate_hz == 250.0
+def _muse_cart_timing(path: Path) -> dict[str, object]:
+    """The cart's interval measurements (ms), fiducial sample indices and QRS times, read by regex."""
+    text = path.read_bytes().decode("latin-1")
+    section = re.search(r"<RestingECGMeasurements>(.*?)</RestingECGMeasurements>", text, re.DOTALL).group(1)
+    value = {name: int(v) for name, v in re.findall(r"<(\w+)>(-?\d+)</\1>", section)}
+    qrs_times = [int(t) for t in re.findall(r"<QRS>.*?<Time>(\d+)</Time>.*?</QRS>", text, re.DOTALL)]
+    return {**value, "qrs_times": np.array(qrs_times)}
+
+
+def _beats(wave: np.ndarray, fs: float) -> np.ndarray:
+    """QRS complexes (sample indices) of a 12-lead waveform: peaks of the smoothed slope energy."""
+    from scipy.ndimage import uniform_filter1d
+    from scipy.signal import find_peaks
+
+    energy = uniform_filter1d(np.abs(np.diff(wave.astype(np.float64), axis=1)).sum(axis=0), int(0.05 * fs))
+    peaks, _ = find_peaks(energy, distance=int(0.3 * fs), height=0.35 * energy.max())
+    return peaks
+
+
+def test_muse_rate_is_the_waveforms_240hz_as_the_carts_own_measurements_show() -> None:
+    raw = read_ecg(str(MUSE_240))
+    # Waveform SampleBase 240, ECGSampleBase 250: the waveform's own rate wins; 2500 samples = 10.42 s
+    assert raw.sample_rate_hz == 240.0
     assert {len(v) for v in raw.signals_uv.values()} == {2500}
     assert raw.cart_measurements == {}  # the scrubbed measurement matrix holds only -1 / 32767
-    source = muse_rhythm_by_regex(MUSE_250)
-    wave = canonical(MUSE_250)
+    cart = _muse_cart_timing(MUSE_240)
+    assert (cart["QRSDuration"], cart["PRInterval"], cart["QTInterval"], cart["VentricularRate"]) == (83, 167, 367, 102)
+    # The cart's intervals are whole samples (onset/offset indices of its median beat) at 240 Hz, not at 250.
+    for ms, start, stop in [
+        ("QRSDuration", "QOnset", "QOffset"),
+        ("PRInterval", "POnset", "QOnset"),
+        ("QTInterval", "QOnset", "TOffset"),
+    ]:
+        n = cart[stop] - cart[start]
+        assert round(n / 240 * 1000) == cart[ms], ms
+        assert round(n / 250 * 1000) != cart[ms], ms
+    # Its heart rate comes from the QRS times at 240 Hz: mean RR 140.75 samples = 102.3 bpm (106.6 at 250).
+    qrs = cart["qrs_times"]
+    assert len(qrs) == cart["QRSCount"] == 17
+    assert abs(60 * 240 / np.diff(qrs).mean() - 102) < 1
+
+    wave = canonical(MUSE_240)
+    # The canonical 500 Hz ECG keeps that timing: its R-R spacing gives the cart's rate, and every
+    # beat sits where the cart put it (at 250 Hz the last beat would be 0.4 s early).
+    beats = _beats(wave, 500.0)
+    assert len(beats) == 17
+    assert abs(60 * 500 / np.diff(beats).mean() - cart["VentricularRate"]) < 1
+    offset_s = beats / 500 - qrs / 240
+    assert np.abs(offset_s).max() < 0.04 and np.ptp(offset_s) < 0.03
+    # Sample for sample: every 12th source sample (1/20 s) is every 25th canonical one.
+    source = muse_rhythm_by_regex(MUSE_240)
     for lead, samples in source.items():
-        row = wave[LEADS.index(lead), ::2]
-        assert corr(row, samples) > 0.99, lead
-        assert np.abs(row - samples).max() <= 2.0, lead
+        assert np.abs(wave[LEADS.index(lead), ::25] - samples[:2400:12]).max() <= 2.0, lead
     assert np.abs(wave[LEADS.index("III")] - (wave[1].astype(int) - wave[0])).max() <= 1
+
+
+def test_muse_without_waveform_rate_uses_the_measurements_rate(tmp_path: Path) -> None:
+    text = MUSE_240.read_bytes().decode("latin-1")
+    rhythm_at = text.index("<WaveformType>Rhythm</WaveformType>")
+    head, tail = text[:rhythm_at], text[rhythm_at:]
+    tail = tail.replace("<SampleBase>240</SampleBase>", "", 1)
+    (tmp_path / "no_rate.xml").write_bytes((head + tail).encode("latin-1"))
+    assert read_ecg(str(tmp_path / "no_rate.xml")).sample_rate_hz == 250.0
 
 
 # ----------------------------------------------------------------------------- GE CardioSoft
@@ -463,7 +513,7 @@ def test_detect_format_and_discovery(tmp_path: Path) -> None:
         PTB_500[0].with_suffix(".dat"): "wfdb",
         PTB_500[0]: "wfdb",
         MUSE_500: "muse",
-        MUSE_250: "muse",
+        MUSE_240: "muse",
         CARDIOSOFT: "cardiosoft",
         AECG: "hl7_aecg",
         AECG_13: "hl7_aecg",

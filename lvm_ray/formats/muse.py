@@ -31,7 +31,7 @@ from lvm_ray.formats import (
     to_float,
     uv_per_unit,
 )
-from lvm_ray.schema import DURATION_S, cart_column
+from lvm_ray.schema import cart_column
 from lvm_ray.signals import ECGReadError, RawECG, normalise_lead_name, normalise_sex
 
 #: Lead order of the 12SL measurement matrix (checked against the median beats, see below).
@@ -89,26 +89,23 @@ def _decode_lead(lead_data: ET.Element, index: int) -> tuple[str, np.ndarray]:
     return lead, samples * per_bit * uv_per_unit(units, context=where)
 
 
-def _choose_rate(root: ET.Element, waveform: ET.Element, n_samples: int) -> float:
-    """The rhythm's sample rate.
+def _choose_rate(root: ET.Element, waveform: ET.Element) -> float:
+    """The rhythm's sample rate: the waveform's own ``<SampleBase>`` (x 10^``SampleExponent``).
 
-    ``<SampleBase>`` of the waveform is normally right, but some MUSE 8 exports write 240 there
-    for 250 Hz recordings while the measurements' ``<ECGSampleBase>`` says 250 (the ml4h
-    sample: 2500 samples, SampleBase 240, ECGSampleBase 250). A GE resting ECG is 10 s, so when
-    the two disagree the one that makes the recording 10 s long wins.
+    The measurements' ``<ECGSampleBase>`` is used only when the waveform states no rate. The two
+    can disagree (the ml4h MUSE 8 sample: SampleBase 240, ECGSampleBase 250, 2500 samples); the
+    waveform's rate is the right one there: the cart's intervals (QRS 83 ms, PR 167 ms, QT 367 ms)
+    are whole samples at 240 Hz, and its QRS times give 102 bpm only at 240 Hz. Such a recording
+    is 10.42 s long; canonicalisation keeps its first 10 s.
     """
     wave_rate = _rate(_text(waveform, "SampleBase"), _text(waveform, "SampleExponent"))
-    cart_rate = None
+    if wave_rate is not None:
+        return float(wave_rate)
     for section in ("RestingECGMeasurements", "OriginalRestingECGMeasurements"):
         cart_rate = _rate(_text(root, f"{section}/ECGSampleBase"), _text(root, f"{section}/ECGSampleExponent"))
         if cart_rate:
-            break
-    if wave_rate is None and cart_rate is None:
-        raise ECGReadError("MUSE XML: the rhythm waveform has no SampleBase")
-    if wave_rate is None or cart_rate is None or wave_rate == cart_rate:
-        return float(wave_rate or cart_rate)  # type: ignore[arg-type]
-    best = min((wave_rate, cart_rate), key=lambda rate: abs(n_samples / rate - DURATION_S))
-    return float(best) if abs(n_samples / best - DURATION_S) <= 0.01 * DURATION_S else float(wave_rate)
+            return float(cart_rate)
+    raise ECGReadError("MUSE XML: the rhythm waveform has no SampleBase")
 
 
 def _measurement_matrix(root: ET.Element) -> dict[str, float]:
@@ -179,8 +176,7 @@ def read_muse(path: str, *, sample_rate_hz: float | None = None) -> RawECG:
         if lead in signals:
             raise ECGReadError(f"MUSE XML: rhythm lead {lead} appears twice")
         signals[lead] = samples
-    n_samples = max(len(s) for s in signals.values())
-    rate = _choose_rate(root, waveform, n_samples)
+    rate = _choose_rate(root, waveform)
 
     demo = root.find("PatientDemographics")
     test = root.find("TestDemographics")
