@@ -46,7 +46,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _split_arrays(data: str, preset: Any, split: Any, which: str, max_rows: int | None = None) -> dict[str, np.ndarray]:
     """One split's labelled rows (up to ``max_rows``), preprocessed, as in-memory arrays."""
     from lvm_ray import store
-    from lvm_ray.train import featurize, keep_mask
+    from lvm_ray.fitting import featurize
+    from lvm_ray.splits import keep_mask
 
     parts: list[dict[str, np.ndarray]] = []
     have = 0
@@ -75,9 +76,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """Ray Train (streamed shards, DDP) vs a bare single-process loop over in-memory tensors."""
     import torch
 
+    from lvm_ray.fitting import make_optimizer, train_epoch
     from lvm_ray.model import build_model
     from lvm_ray.presets import get_preset
-    from lvm_ray.train import train, train_epoch
+    from lvm_ray.train import train
 
     preset = get_preset(args.preset)
     batch_size = args.batch_size or preset.optim.batch_size
@@ -85,13 +87,13 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if args.use_gpu and torch.cuda.is_available() else "cpu")
 
     # Baseline: same model, global batch size and total threads; data already in memory.
-    from lvm_ray.train import SplitSpec
+    from lvm_ray.splits import SplitSpec
 
     arrays = _split_arrays(args.data, preset, SplitSpec(), "train", max_rows=args.baseline_rows)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(preset).to(device)
-    optimizer = torch.optim.RAdam(model.parameters(), lr=preset.optim.lr)
+    optimizer = make_optimizer(preset, model.parameters())
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
     n = len(arrays["y"])
 
@@ -195,10 +197,10 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
 def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
     """Ray Data ingest against the same ingest run in-process (read, canonicalise, write), same files."""
     from lvm_ray.ingest import IngestOptions, ingest
-    from lvm_ray.ray_utils import connect
+    from lvm_ray.ray_utils import ensure_connected
 
     options = IngestOptions(ptbxl_rate=args.ptbxl_rate, ptbxl_records=args.ptbxl_records)
-    connect(args.address)
+    ensure_connected(args.address)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         baseline = ingest(args.sources, os.path.join(tmp, "plain"), options=options, use_ray=False)
@@ -234,10 +236,10 @@ def run_rules(args: argparse.Namespace) -> dict[str, Any]:
     """`lvm-ray rules` on Ray Data against measure_batch in one process over the same ECGs."""
     from lvm_ray import store
     from lvm_ray.measure import measure_rules
-    from lvm_ray.ray_utils import connect
+    from lvm_ray.ray_utils import ensure_connected
     from lvm_ray.rules import measure_batch
 
-    connect(args.address)
+    ensure_connected(args.address)
     n = 0
     baseline_s = 0.0
     for table in store.iter_shards(args.data, columns=["ecg", "sex"]):
@@ -323,7 +325,7 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
 
     from lvm_ray import store
     from lvm_ray.predict import Predictor
-    from lvm_ray.ray_utils import connect
+    from lvm_ray.ray_utils import ensure_connected
     from lvm_ray.score import score
 
     predictor = Predictor.from_checkpoint(args.checkpoint)
@@ -343,7 +345,7 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(0, len(ecg), args.batch_size):
         predictor.predict(ecg[i : i + args.batch_size], {"sex": np.array(["F"] * len(ecg[i : i + args.batch_size]))})
     predict_s = time.perf_counter() - started
-    connect(args.address)
+    ensure_connected(args.address)
     with tempfile.TemporaryDirectory() as tmp, _ClusterMemory() as memory:
         result = score(
             args.data,
@@ -445,7 +447,7 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
     from ray import serve
 
     from lvm_ray.predict import Predictor
-    from lvm_ray.ray_utils import connect
+    from lvm_ray.ray_utils import ensure_connected
     from lvm_ray.serve import PredictRequest, build_app, canonical_request, raw_from_request
 
     record = wfdb.rdrecord(args.record)
@@ -490,7 +492,7 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
         str(c): _load(f"http://127.0.0.1:{port}/v1/predict", body, c, args.requests) for c in args.concurrency
     }
     server.should_exit = True
-    connect()
+    ensure_connected()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": args.checkpoint}), name="bench", route_prefix="/")
@@ -526,9 +528,11 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     preset, split, optimiser, schedule and epochs; each keeps its best epoch by validation loss."""
     import torch
 
+    from lvm_ray.fitting import epoch_metrics, make_optimizer, make_scheduler, train_epoch, validate_epoch
     from lvm_ray.model import build_model, read_payload
     from lvm_ray.presets import Preset
-    from lvm_ray.train import SplitSpec, epoch_metrics, train, train_epoch, validate_epoch
+    from lvm_ray.splits import SplitSpec
+    from lvm_ray.train import train
 
     split = SplitSpec(column=args.split_column, val_values=tuple(args.val_values), test_fraction=0.0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -555,10 +559,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.num_workers)
     model = build_model(preset)
     optim = preset.optim
-    optimizer = torch.optim.RAdam(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=optim.plateau_factor, patience=optim.plateau_patience
-    )
+    optimizer = make_optimizer(preset, model.parameters())
+    scheduler = make_scheduler(preset, optimizer)
     n, device = len(train_arrays["y"]), torch.device("cpu")
 
     best: dict[str, Any] = {"val_loss": float("inf")}

@@ -27,6 +27,36 @@ AddressOption = Annotated[
 ]
 
 
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Show Ray's own logs and progress on the console.")
+]
+GpuOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--use-gpu/--no-gpu",
+        help="--use-gpu requires GPUs (waits for the autoscaler to add them); --no-gpu uses CPUs; "
+        "default: GPUs when the cluster has or can add them.",
+    ),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lvm_ray import __version__
+
+        typer.echo(f"lvm-ray {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """LVM-AI on Ray: predict cardiac-MRI LV mass and LVH from 12-lead ECGs, from laptop to cluster."""
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -98,10 +128,8 @@ def ingest(
         ptbxl_rate=ptbxl_rate,
         ptbxl_records=ptbxl_records,
     )
-    if address:
-        from lvm_ray.ray_utils import connect
+    from lvm_ray.ray_utils import ClusterError
 
-        connect(address)
     try:
         result = run_ingest(
             sources,
@@ -111,8 +139,9 @@ def ingest(
             overwrite=overwrite,
             use_ray=True if address else None,
             progress=_progress("ingest"),
+            address=address,
         )
-    except (FileNotFoundError, StoreError, ValueError) as exc:
+    except (FileNotFoundError, StoreError, ValueError, ClusterError) as exc:
         _fail(str(exc))
     typer.echo(format_summary(result))
     typer.echo(f"  quarantine table: {out.rstrip('/')}/quarantine.parquet")
@@ -135,19 +164,25 @@ def summary(data: Annotated[str, typer.Option(help="Dataset URL or path.")]) -> 
 @app.command()
 def rules(
     data: Annotated[str, typer.Option(help="Dataset URL or path.")],
-    out: Annotated[str, typer.Option(help="Folder (any URL) for the rules table (parquet); replaced if present.")],
+    out: Annotated[
+        str, typer.Option(help="Folder (any URL) for the rules table (parquet); an earlier rules table is replaced.")
+    ],
     comparison: Annotated[str, typer.Option(help="'strict' (>, as published) or 'inclusive' (>=).")] = "strict",
     address: AddressOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Measure R/S amplitudes on the median beat and apply Sokolow-Lyon, Cornell, aVL and more."""
     from lvm_ray.measure import measure_rules
-    from lvm_ray.ray_utils import connect
+    from lvm_ray.ray_utils import ClusterError
     from lvm_ray.rules import RulesConfig
+    from lvm_ray.store import StoreError
 
     if comparison not in ("strict", "inclusive"):
         _fail(f"--comparison must be strict or inclusive, not {comparison!r}")
-    connect(address)
-    result = measure_rules(data, out, RulesConfig(comparison=comparison))
+    try:
+        result = measure_rules(data, out, RulesConfig(comparison=comparison), address=address, verbose=verbose)
+    except (StoreError, ClusterError) as exc:
+        _fail(str(exc))
     typer.echo(f"rules -> {result.out}\n  ECGs         : {result.n} ({result.n_measurable} measurable)")
     for flag, share in result.prevalence.items():
         typer.echo(f"  {flag:<26s}{share:6.1%}")
@@ -164,8 +199,8 @@ def train(
     target: Annotated[
         str | None, typer.Option(help="Column to learn (default: the preset's, lv_mass_g). Binary columns classify.")
     ] = None,
-    num_workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (one GPU each with --use-gpu).")] = 2,
-    use_gpu: Annotated[bool, typer.Option(help="Train on GPUs (CUDA, NCCL, bf16 autocast).")] = False,
+    num_workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (one GPU each with GPUs).")] = 2,
+    use_gpu: GpuOption = None,
     max_epochs: Annotated[
         int | None, typer.Option(min=1, help="Upper bound on epochs (default: the preset's).")
     ] = None,
@@ -192,12 +227,16 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Start over instead of resuming a run in RUN.")] = False,
     smoke_test: Annotated[bool, typer.Option(help="Two epochs, to check the plumbing.")] = False,
     address: AddressOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Train a preset on Ray Train (DDP), streaming the shards with Ray Data; resumes when re-run."""
+    from lvm_ray.model import CheckpointError
+    from lvm_ray.ray_utils import ClusterError
+    from lvm_ray.store import StoreError
     from lvm_ray.train import TrainError
     from lvm_ray.train import train as run_train
 
-    _setup_logging(False)
+    _setup_logging(verbose)
     try:
         result = run_train(
             data,
@@ -218,8 +257,9 @@ def train(
             task=task,
             cache_inputs=cache_inputs,
             max_failures=max_failures,
+            verbose=verbose,
         )
-    except (TrainError, ValueError) as exc:
+    except (TrainError, ValueError, StoreError, ClusterError, CheckpointError) as exc:
         _fail(str(exc))
     typer.echo(f"train -> {result.run}")
     typer.echo(f"  preset {result.preset}, target {result.target} ({result.task}); best epoch {result.best_epoch}")
@@ -238,26 +278,34 @@ def score(
     num_actors: Annotated[
         int | None, typer.Option(min=1, help="Model replicas (default: one per GPU, or CPUs/2).")
     ] = None,
-    use_gpu: Annotated[
-        bool | None, typer.Option("--use-gpu/--no-gpu", help="Default: GPUs if the cluster has them.")
-    ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Discard predictions already in --out.")] = False,
+    use_gpu: GpuOption = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace earlier predictions in --out (only lvm-ray's prediction files).")
+    ] = False,
     address: AddressOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Predict LV mass, LVMI, LVH and the voltage rules for every ECG, with a Ray Data actor pool."""
     from lvm_ray.model import CheckpointError
-    from lvm_ray.ray_utils import connect
+    from lvm_ray.ray_utils import ClusterError
     from lvm_ray.score import ScoringError, format_summary
     from lvm_ray.score import score as run_score
     from lvm_ray.store import StoreError
 
-    _setup_logging(False)
-    connect(address)
+    _setup_logging(verbose)
     try:
         result = run_score(
-            data, checkpoint, out, batch_size=batch_size, num_actors=num_actors, use_gpu=use_gpu, overwrite=overwrite
+            data,
+            checkpoint,
+            out,
+            batch_size=batch_size,
+            num_actors=num_actors,
+            use_gpu=use_gpu,
+            overwrite=overwrite,
+            address=address,
+            verbose=verbose,
         )
-    except (ScoringError, StoreError, CheckpointError) as exc:
+    except (ScoringError, StoreError, CheckpointError, ClusterError) as exc:
         _fail(str(exc))
     typer.echo(format_summary(result))
 
@@ -334,17 +382,23 @@ def serve(
     checkpoint: Annotated[str, typer.Option(help="Run folder or checkpoint file (any URL).")],
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it local.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
-    use_gpu: Annotated[bool, typer.Option(help="Run the model on a GPU.")] = False,
+    use_gpu: GpuOption = None,
     address: AddressOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Serve the model on Ray Serve: POST /v1/predict, /v1/predict/file; GET /healthz, /readyz, /v1/model, /docs."""
-    from lvm_ray.ray_utils import connect
+    from lvm_ray.model import CheckpointError, read_payload
+    from lvm_ray.ray_utils import ClusterError, ensure_connected, resolve_gpu
     from lvm_ray.serve import run_server
 
-    _setup_logging(False)
-    connect(address)
-    typer.echo(f"serving {checkpoint} at http://{host}:{port} (OpenAPI at /docs); Ctrl-C stops")
-    run_server(checkpoint, host=host, port=port, use_gpu=use_gpu)
+    _setup_logging(verbose)
+    try:
+        read_payload(checkpoint)  # a missing or foreign checkpoint is reported before Ray starts
+        ensure_connected(address, verbose=verbose)
+        gpu = resolve_gpu(use_gpu, stage="serve")
+    except (CheckpointError, ClusterError) as exc:
+        _fail(str(exc))
+    run_server(checkpoint, host=host, port=port, use_gpu=gpu, address=address, verbose=verbose)
 
 
 @app.command()

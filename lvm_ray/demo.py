@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from lvm_ray.ingest import format_summary, ingest
-from lvm_ray.ray_utils import connect
+from lvm_ray.ray_utils import ensure_connected
 from lvm_ray.summary import dataset_summary, format_dataset_summary
 
 #: Real sample exports committed with the repository (PTB-XL records and vendor format samples).
@@ -47,7 +47,7 @@ def run_demo(
     workdir.mkdir(parents=True, exist_ok=True)
     outputs: dict[str, str] = {}
     started = time.time()
-    connect()
+    ensure_connected()
 
     t0 = _step(f"1. synthetic CMR cohort: {n} participants, seed {seed}")
     cohort = str(workdir / "cmr_cohort")

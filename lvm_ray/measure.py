@@ -39,17 +39,43 @@ def rules_batch(batch: dict[str, np.ndarray], config: RulesConfig) -> pa.Table:
     return store.frame_to_arrow(frame)
 
 
-def measure_rules(data: str, out: str, config: RulesConfig = RulesConfig(), batch_size: int = 64) -> RulesResult:
-    """Write the rules table for every ECG of ``data`` to ``out`` (a folder of parquet, replaced)."""
-    from lvm_ray.ray_utils import read_ecg_dataset
+def measure_rules(
+    data: str,
+    out: str,
+    config: RulesConfig = RulesConfig(),
+    batch_size: int = 64,
+    address: str | None = None,
+    verbose: bool = False,
+) -> RulesResult:
+    """Write the rules table for every ECG of ``data`` to ``out`` (a folder of parquet).
+
+    ``out`` must be new, empty, or an earlier rules table (which is replaced, atomically: the
+    new table is written beside it and moved into place when complete). Anything else there is
+    refused, never deleted.
+    """
+    from lvm_ray.ray_utils import ensure_connected, read_ecg_dataset
 
     started = time.time()
+    store.read_manifest(data)
+    store.check_output(out, "rules", inputs=[data])
+    ensure_connected(address, verbose=verbose)
     columns = ["ecg_id", "sex", "ecg", *(f.name for f in CART_FIELDS)]
     dataset = read_ecg_dataset(data, columns=columns)
-    dataset.map_batches(
-        rules_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="numpy"
-    ).write_parquet(out, mode="overwrite")
-    table = read_rules(out)
+    tmp = store.temporary_sibling(out)
+    try:
+        dataset.map_batches(
+            rules_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="numpy"
+        ).write_parquet(tmp, mode="error")
+        table = read_rules(tmp)
+        store.write_json(
+            store.join_url(tmp, store.OUTPUT_MARKERS["rules"]),
+            {"kind": "rules", "data": data, "n": len(table), "comparison": config.comparison},
+        )
+        store.commit_folder(tmp, out)
+    finally:
+        if store.exists(tmp):
+            fs, path = store.filesystem(tmp)
+            fs.rm(path, recursive=True)
     flags = [c for c in table.columns if c.startswith("lvh_")]
     return RulesResult(
         out=out,
@@ -61,7 +87,5 @@ def measure_rules(data: str, out: str, config: RulesConfig = RulesConfig(), batc
 
 
 def read_rules(out: str) -> pd.DataFrame:
-    import pyarrow.dataset as ds
-
-    fs, path = store.filesystem(out)
-    return ds.dataset(path, filesystem=fs, format="parquet").to_table().to_pandas()
+    """The rules table written by :func:`measure_rules` (its parquet parts, in any order)."""
+    return store.read_any_table(out)

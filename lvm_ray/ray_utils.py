@@ -1,10 +1,26 @@
-"""Ray plumbing shared by the distributed stages: connecting, and reading the store with Ray Data."""
+"""The one rule for Ray: every distributed stage connects through :func:`ensure_connected`.
+
+Library functions (``ingest``, ``measure_rules``, ``train``, ``score``, ``run_server``) take an
+optional ``address`` and call :func:`ensure_connected` themselves; nothing else calls
+``ray.init`` (the test fixture too). One GPU policy for every stage, :func:`resolve_gpu`:
+
+- ``use_gpu=False``: CPUs only.
+- ``use_gpu=None`` (default): GPUs when the cluster has them now or its autoscaler can add them.
+- ``use_gpu=True``: request GPUs and wait for the autoscaler to bring GPU nodes up; an error,
+  naming the cluster's resources, only when the cluster can never provide one (an embedded
+  local Ray without a GPU, or an autoscaling cluster with no GPU node type).
+
+See docs/architecture.md, "One rule for Ray".
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import ray
 import ray.data
@@ -13,35 +29,171 @@ from lvm_ray import store
 
 log = logging.getLogger(__name__)
 
-
+#: Object store of an embedded local Ray: streaming stages keep only a few ~120 MB shards in
+#: flight; 2 GB bounds a laptop's memory (Ray's default is 30% of RAM) without slowing them.
 EMBEDDED_OBJECT_STORE_BYTES = 2 * 1024**3
+#: How long joining a cluster may take before we give up with a clear message.
+CONNECT_TIMEOUT_S = 20.0
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join a cluster (``auto``, ``ray://...``) or start an embedded local Ray (address None).
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached, or cannot provide what a stage asks for."""
 
-    Locally we advertise at least 4 logical CPUs: on a 2-core laptop Ray Data read tasks and
-    Train workers otherwise wait on each other forever.
+
+@dataclass
+class _Session:
+    embedded: bool = False
+    verbose: bool = False
+
+
+_SESSION = _Session()
+
+
+def _probe(host: str, port: int, timeout_s: float) -> None:
+    """Fail fast (``ClusterError``) when nothing answers at host:port within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last: OSError | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as exc:
+            last = exc
+            time.sleep(1.0)
+    raise ClusterError(f"no Ray cluster answers at {host}:{port} after {timeout_s:.0f} s ({last})")
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """host and port of 'ray://host:port' or 'host:port' (None for 'auto' and other forms)."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    if ":" not in rest:
+        return None
+    host, _, port = rest.rpartition(":")
+    try:
+        return host.strip("[]"), int(port.split("/")[0])
+    except ValueError:
+        return None
+
+
+def ensure_connected(
+    address: str | None = None,
+    *,
+    verbose: bool = False,
+    num_cpus: int | None = None,
+    timeout_s: float = CONNECT_TIMEOUT_S,
+) -> None:
+    """Join a cluster (``auto``, ``host:port``, ``ray://host:10001``) or start an embedded local Ray.
+
+    Does nothing when Ray is already initialised in this process. An embedded Ray advertises at
+    least 4 logical CPUs: on a 2-core laptop Ray Data read tasks and Train workers otherwise wait
+    on each other forever (DESIGN pitfall). Ray's own INFO chatter and worker output stay in its
+    log files (/tmp/ray/session_latest/logs) unless ``verbose``.
     """
     if ray.is_initialized():
         return
+    address = address or os.environ.get("LVM_RAY_ADDRESS") or None
+    quiet = {
+        "configure_logging": False,
+        "logging_config": ray.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+        "log_to_driver": verbose,
+    }
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    if not verbose:
+        for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        target = _host_port(address)
+        if target is not None:
+            _probe(*target, timeout_s)
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, TimeoutError) as exc:
+            raise ClusterError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from exc
+        _SESSION.embedded, _SESSION.verbose = False, verbose
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
-    # The dashboard (on 127.0.0.1) serves the State API that Ray Train's cleaner polls, and shows
-    # progress; Ray's own INFO chatter from workers is kept out of the terminal (it stays in the logs).
+    # The dashboard (on 127.0.0.1) serves the State API that Ray Train's cleaner polls.
     ray.init(
         num_cpus=cpus,
-        # Streaming stages keep only a few ~120 MB shards in flight; a 2 GB store bounds a laptop's
-        # memory (Ray's default is 30% of RAM) without slowing them down.
         object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        configure_logging=False,
-        logging_config=ray.LoggingConfig(log_level="WARNING"),
+        **quiet,
     )
+    _SESSION.embedded, _SESSION.verbose = True, verbose
     log.info("started a local Ray with %d logical CPUs", cpus)
+
+
+def is_embedded() -> bool:
+    """True when this process started the (local, fixed-size) Ray cluster itself."""
+    return _SESSION.embedded
+
+
+def describe_cluster() -> str:
+    """'4 CPU, 0 GPU, 12.0 GB memory; node types: cpu (CPU 8), gpu (GPU 1 x 8)' for messages."""
+    res = ray.cluster_resources()
+    text = f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU, {res.get('memory', 0) / 1e9:.1f} GB memory"
+    config = _autoscaler_config()
+    if config is not None:
+        groups = []
+        for group in config.node_group_configs:
+            shape = ", ".join(f"{k} {v:g}" for k, v in sorted(group.resources.items()) if k in ("CPU", "GPU"))
+            groups.append(f"{group.name or '?'} ({shape}; up to {group.max_count})")
+        text += "; node types: " + (", ".join(groups) or "none")
+    elif is_embedded():
+        text += "; embedded local Ray (cannot add nodes)"
+    return text
+
+
+def _autoscaler_config():  # -> autoscaler_pb2.ClusterConfig | None
+    """The autoscaler's node types as it published them to the GCS (None without an autoscaler)."""
+    try:
+        return ray._private.state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler state on static clusters
+        return None
+
+
+def gpus_now() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def max_gpus() -> int | None:
+    """GPUs the cluster could ever offer: its autoscaler's node types, or None when unknown."""
+    try:
+        limits = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001
+        limits = None
+    if limits is None:
+        return 0 if is_embedded() else None
+    return int(limits.get("GPU", 0))
+
+
+def resolve_gpu(use_gpu: bool | None, workers: int = 1, stage: str = "this stage") -> bool:
+    """The GPU policy of every stage (see the module docstring). Call after :func:`ensure_connected`."""
+    if use_gpu is False:
+        return False
+    have, ceiling = gpus_now(), max_gpus()
+    if have >= 1 or (ceiling or 0) >= 1:
+        if have < workers:
+            print(
+                f"[lvm-ray] {stage}: waiting for {workers} GPU worker(s) ({have} GPU in the cluster now; "
+                "the autoscaler adds GPU nodes on demand, which can take minutes)",
+                flush=True,
+            )
+        return True
+    if use_gpu is None:
+        return False
+    if ceiling is None:
+        # A cluster without an autoscaler config (e.g. nodes added by hand): ask, and wait.
+        print(
+            f"[lvm-ray] {stage}: waiting for {workers} GPU worker(s); the cluster has no GPU yet "
+            f"({describe_cluster()})",
+            flush=True,
+        )
+        return True
+    raise ClusterError(f"--use-gpu: this Ray cluster has no GPU and cannot add one ({describe_cluster()})")
 
 
 def read_ecg_dataset(

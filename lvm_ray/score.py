@@ -35,6 +35,8 @@ ModelLoader = Callable[[], Predictor]
 _NOT_CARRIED_PREFIXES = ("true_",)
 SUMMARY_FILE = "_scoring.json"
 PARTS_DIR = "parts"
+#: Everything score writes into --out: the only names --overwrite removes.
+SCORE_OUTPUTS = (PARTS_DIR, SUMMARY_FILE)
 
 
 class ScoringError(RuntimeError):
@@ -107,6 +109,33 @@ class ScoreBatch:
         return store.frame_to_arrow(frame, known_types=self.carried)
 
 
+def check_output_folder(out: str, data: str) -> None:
+    """Refuse to write predictions into the input dataset, a file, or a folder of something else."""
+    fs, path = store.filesystem(out)
+    if store.same_location(out, data):
+        raise ScoringError(f"--out {out} is the input dataset; choose another folder for the predictions")
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise ScoringError(f"--out {out} is a file, not a folder")
+    if store.dataset_exists(out):
+        raise ScoringError(f"--out {out} holds an ECG dataset; choose another folder for the predictions")
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    foreign = sorted(n for n in names if n not in SCORE_OUTPUTS and not n.startswith("."))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise ScoringError(f"--out {out} holds files that are not predictions ({shown}); choose another folder")
+
+
+def remove_predictions(out: str) -> None:
+    """What --overwrite removes: the prediction parts and the scoring summary, nothing else."""
+    fs, path = store.filesystem(out)
+    for name in SCORE_OUTPUTS:
+        target = posixpath.join(path, name)
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+
+
 def score(
     data: str,
     checkpoint: str,
@@ -118,41 +147,44 @@ def score(
     use_gpu: bool | None = None,
     overwrite: bool = False,
     rows_per_file: int = 2048,
+    address: str | None = None,
+    verbose: bool = False,
 ) -> ScoreResult:
     """Score every ECG of ``data`` with the model at ``checkpoint`` into ``out`` (a folder of parquet).
 
-    The caller connects to Ray first (``lvm_ray.ray_utils.connect``); ``loader`` defaults to
-    loading ``checkpoint``; ``num_actors`` defaults to the cluster's GPUs (one each) or a CPU
-    share.
+    Connects to Ray (``address``; default an embedded local Ray) after the arguments are checked;
+    ``loader`` defaults to loading ``checkpoint``; ``use_gpu`` follows the one GPU policy
+    (:func:`lvm_ray.ray_utils.resolve_gpu`); ``num_actors`` defaults to one per GPU or a CPU
+    share. ``overwrite`` removes only earlier predictions (parts/ and the summary).
     """
-    import ray
     from ray.data import ActorPoolStrategy
 
-    from lvm_ray.ray_utils import read_ecg_dataset
+    from lvm_ray.ray_utils import ensure_connected, read_ecg_dataset, resolve_gpu
 
     started = time.time()
     manifest = store.read_manifest(data)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = bool(gpus) if use_gpu is None else use_gpu
-    if use_gpu and not gpus:
-        raise ScoringError("--use-gpu was given but the Ray cluster has no GPUs")
-    loader = loader or partial(Predictor.from_checkpoint, checkpoint, use_gpu)
-    version = Predictor.checkpoint_version(checkpoint) if checkpoint else loader().version
+    check_output_folder(out, data)
+    version = Predictor.checkpoint_version(checkpoint) if checkpoint else None
     if overwrite:
-        fs, root = fsspec.core.url_to_fs(out)
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
+        remove_predictions(out)
     done_ids, versions = existing_predictions(out)
-    if versions - {version}:
+    if version is not None and versions - {version}:
         raise ScoringError(
             f"{out} already holds predictions of model {sorted(versions - {version})}; "
             f"pass --overwrite or choose another --out (this checkpoint is {version})"
         )
+    ensure_connected(address, verbose=verbose)
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = resolve_gpu(use_gpu, workers=max(1, num_actors or 1), stage="score")
+    loader = loader or partial(Predictor.from_checkpoint, checkpoint, use_gpu)
+    version = version or loader().version
     n_total = int(manifest["n_rows"])
     log.info("scoring %d ECGs (%d already scored) with %s", n_total, len(done_ids), version)
     if len(done_ids) < n_total:
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        actors = num_actors or (gpus if use_gpu else max(1, min(4, cpus // 2)))
+        actors = num_actors or (max(1, gpus) if use_gpu else max(1, min(4, cpus // 2)))
         dataset = read_ecg_dataset(data, read_concurrency=max(1, actors // 2))
         carried = pa.schema(
             [f for f in store.dataset_schema(data) if f.name != "ecg" and not f.name.startswith(_NOT_CARRIED_PREFIXES)]

@@ -73,6 +73,11 @@ def write_bytes(url: str, payload: bytes) -> None:
         f.write(payload)
 
 
+def write_text(url: str, text: str) -> None:
+    """Write a small text file (UTF-8) to any URL, creating its folder."""
+    write_bytes(url, text.encode())
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as f:
@@ -152,13 +157,18 @@ def dataset_exists(root: str) -> bool:
     return fs.exists(posixpath.join(path, MANIFEST))
 
 
-def prepare_output(root: str, overwrite: bool) -> None:
-    """Refuse to mix two datasets in one place unless asked to overwrite (then clear the old one)."""
+def prepare_output(root: str, overwrite: bool, inputs: Sequence[str] = ()) -> None:
+    """Refuse to mix two datasets in one place unless asked to overwrite (then clear only the old one).
+
+    A folder of anything else (user files, another stage's output) is refused even with
+    ``overwrite``: only a dataset's own files (shards/, manifest, quarantine) are ever removed.
+    """
     fs, path = filesystem(root)
-    if dataset_exists(root) or fs.exists(posixpath.join(path, SHARD_DIR)):
+    kind = check_output(root, "dataset", inputs=inputs)
+    if kind == "dataset" or fs.exists(posixpath.join(path, SHARD_DIR)):
         if not overwrite:
             raise StoreError(f"{root} already holds a dataset; pass --overwrite to replace it")
-        for name in (SHARD_DIR, MANIFEST, QUARANTINE):
+        for name in (MANIFEST, SHARD_DIR, QUARANTINE):  # the manifest first: a half-removed dataset is no dataset
             target = posixpath.join(path, name)
             if fs.exists(target):
                 fs.rm(target, recursive=True)
@@ -366,6 +376,87 @@ def read_any_table(source: str | pd.DataFrame, columns: Sequence[str] | None = N
     if columns is not None:
         frame = frame[[c for c in columns if c in frame.columns]]
     return frame
+
+
+def same_location(a: str, b: str) -> bool:
+    """True when two URLs/paths name the same place, or one lies inside the other."""
+    fs_a, path_a = filesystem(a)
+    fs_b, path_b = filesystem(b)
+    if type(fs_a) is not type(fs_b):
+        return False
+    if "file" in (fs_a.protocol if isinstance(fs_a.protocol, tuple) else (fs_a.protocol,)):
+        import os
+
+        path_a, path_b = os.path.realpath(path_a), os.path.realpath(path_b)
+    path_a, path_b = path_a.rstrip("/"), path_b.rstrip("/")
+    return path_a == path_b or path_a.startswith(path_b + "/") or path_b.startswith(path_a + "/")
+
+
+#: How each stage's output folder is recognised (a file only that stage writes), so that a stage
+#: replaces only its own kind of output and never a user's folder or another stage's output.
+OUTPUT_MARKERS: dict[str, str] = {
+    "dataset": MANIFEST,
+    "rules": "_rules.json",
+    "predictions": "_scoring.json",
+    "run": "run.json",
+    "evaluation": "metrics.json",
+    "outcomes": "outcomes.json",
+}
+
+
+def output_kind(url: str) -> str | None:
+    """'missing', 'empty', 'file', a kind of OUTPUT_MARKERS, or 'foreign' (a folder of something else)."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return "missing"
+    if not fs.isdir(path):
+        return "file"
+    names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+    for kind, marker in OUTPUT_MARKERS.items():
+        if marker in names:
+            return kind
+    if SHARD_DIR in names:  # a dataset whose writer was interrupted before its manifest
+        return "dataset"
+    return "empty" if not {n for n in names if not n.startswith(".")} else "foreign"
+
+
+def check_output(url: str, kind: str, inputs: Sequence[str] = (), flag: str = "--out") -> str:
+    """Refuse an output location that is an input, a file, or a folder of anything but ``kind``.
+
+    Returns the location's current kind ('missing', 'empty' or ``kind``). Raises StoreError with
+    a one-line reason otherwise: nothing a user put there is ever replaced.
+    """
+    for source in inputs:
+        if source and same_location(url, source):
+            raise StoreError(f"{flag} {url} is (or is inside) the input {source}; choose another folder")
+    current = output_kind(url)
+    if current == "file":
+        raise StoreError(f"{flag} {url} is an existing file, not a folder")
+    if current in ("missing", "empty", kind):
+        return current
+    what = f"an lvm-ray {current} output" if current in OUTPUT_MARKERS else "files that are not lvm-ray's"
+    raise StoreError(f"{flag} {url} already holds {what}; choose another folder (nothing was written)")
+
+
+def commit_folder(tmp: str, final: str) -> None:
+    """Move a finished output folder into place, replacing an earlier output of the same stage.
+
+    The new output is complete before it appears under its name, so an interrupted run never
+    leaves a half output that looks finished.
+    """
+    fs, tmp_path = filesystem(tmp)
+    _, final_path = filesystem(final)
+    old = f"{final_path}.old-{uuid.uuid4().hex[:8]}"
+    if fs.exists(final_path):
+        fs.mv(final_path, old, recursive=True)
+    fs.mv(tmp_path, final_path, recursive=True)
+    if fs.exists(old):
+        fs.rm(old, recursive=True)
+
+
+def temporary_sibling(url: str) -> str:
+    """A fresh name beside ``url`` for writing an output before :func:`commit_folder`."""
+    return f"{url.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
 
 
 def exists(url: str) -> bool:

@@ -29,8 +29,9 @@ def ray_cluster():
     """One local Ray cluster for the whole session (ray.init costs seconds here)."""
     import ray
 
-    if not ray.is_initialized():
-        # Logical CPUs above the 2 physical cores so Ray Data read tasks never starve Train workers.
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from lvm_ray.ray_utils import ensure_connected
+
+    # The same function (and object-store cap) users get; 4 logical CPUs on the 2 physical cores.
+    ensure_connected(None, num_cpus=4)
     yield ray
     ray.shutdown()

@@ -89,9 +89,8 @@ def test_killed_scoring_job_completes_on_rerun(cohort, checkpoint, tmp_path, ray
             predictor.predict = predict
             return predictor
 
-        ray.init(address={ray_cluster.get_runtime_context().gcs_address!r})
         score({cohort!r}, {checkpoint!r}, {str(out)!r}, loader=slow_loader, batch_size=16, num_actors=1,
-              rows_per_file=16)
+              rows_per_file=16, address={ray_cluster.get_runtime_context().gcs_address!r})
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -20,23 +20,13 @@ import pytest
 import torch
 
 from lvm_ray import store
+from lvm_ray.fitting import autocast, epoch_metrics, featurize, train_epoch, validate_epoch
 from lvm_ray.model import build_model, load_checkpoint, read_payload
 from lvm_ray.presets import get_preset
-from lvm_ray.train import (
-    SPLIT_CODES,
-    FaultInjection,
-    SplitSpec,
-    TrainError,
-    _autocast,
-    auroc,
-    build_trainer,
-    epoch_metrics,
-    featurize,
-    make_config,
-    train,
-    train_epoch,
-    validate_epoch,
-)
+from lvm_ray.runs import FaultInjection, TrainError, make_config
+from lvm_ray.splits import SPLIT_CODES, SplitSpec
+from lvm_ray.stats import auroc
+from lvm_ray.train import build_trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +102,7 @@ def test_trainer_picks_gpus_and_nccl_when_asked(tmp_path):
     cpu = build_trainer(make_config("data", str(tmp_path / "run"), "lvm-cpu"), {})
     assert not cpu.scaling_config.use_gpu and cpu.backend_config.backend == "gloo"
     assert make_config("data", "run", "lvm-cpu", num_workers=4).per_worker_batch == 16  # global batch 64
-    with _autocast(torch.device("cpu")):  # bf16 autocast is for CUDA only
+    with autocast(torch.device("cpu")):  # bf16 autocast is for CUDA only
         assert not torch.is_autocast_enabled("cpu")
 
 
@@ -230,10 +220,9 @@ _TWO_NODE_SCRIPT = textwrap.dedent(
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, log_to_driver=False)
     try:
         result = train(sys.argv[1], sys.argv[2], preset="lvm-cpu", num_workers=2, max_epochs=1, batch_size=16,
-                       placement_strategy="STRICT_SPREAD", evaluate_test=False)
+                       placement_strategy="STRICT_SPREAD", evaluate_test=False, address=cluster.address)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print("RESULT " + json.dumps({"worker_nodes": result.worker_nodes, "cluster_nodes": nodes,
                                       "epochs_run": result.epochs_run}))

@@ -1,0 +1,243 @@
+"""A training run's folder and records (no Ray): layout, configuration, result, index pass.
+
+Layout of a run at ``RUN`` (a local path or an fsspec URL every worker can reach)::
+
+    RUN/run.json        the run's configuration (TrainConfig), split summary, status, result
+    RUN/split.parquet   ecg_id, patient_id, split ('train' / 'val' / 'test' / 'excluded'), labelled
+    RUN/metrics.jsonl   one line of metrics per epoch (rewritten each epoch by rank 0)
+    RUN/model.pt        the best model by validation loss (what ``score`` and ``serve`` load)
+    RUN/test_metrics.json  the best model on the held-out test split (when there is one)
+    RUN/ray/            Ray Train's storage: a checkpoint per epoch, used to resume
+
+The split of every row is assigned once (:func:`index_pass`) and written to split.parquet;
+the training datasets and the test evaluation read it. See docs/architecture.md, "Run folder".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lvm_ray import store
+from lvm_ray.model import MODEL_FILE
+from lvm_ray.presets import DEFAULT_PRESET, Preset, get_preset
+from lvm_ray.splits import SPLIT_CODES, SplitSpec, labelled
+
+RUN_FILE = "run.json"
+SPLIT_FILE = "split.parquet"
+METRICS_FILE = "metrics.jsonl"
+TEST_METRICS_FILE = "test_metrics.json"
+RAY_DIR = "ray"
+FAULT_MARKER = "_fault_injected"
+#: Everything a run writes: the only names ``--overwrite`` removes from RUN.
+RUN_OUTPUTS = (RUN_FILE, SPLIT_FILE, METRICS_FILE, MODEL_FILE, TEST_METRICS_FILE, RAY_DIR, FAULT_MARKER)
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or resume (bad target, mismatched run directory, failed workers)."""
+
+
+def run_url(run: str, name: str) -> str:
+    """A file of the run folder (any URL)."""
+    return store.join_url(run, name)
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Testing aid: SIGKILL the worker of ``rank`` once, after ``after_batches`` batches of ``epoch``."""
+
+    epoch: int
+    rank: int = 1
+    after_batches: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run, fully resolved (what run.json records and the workers receive).
+
+    The optimiser and schedule are the preset's ``optim`` with any overrides applied, so the
+    checkpoint's preset always records the learning rate, batch and schedule actually used.
+    """
+
+    data: str
+    run: str
+    preset: Preset
+    split: SplitSpec = field(default_factory=SplitSpec)
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    seed: int = 0
+    max_failures: int = 3
+    #: Materialise the preprocessed inputs in the object store after the first pass (small data).
+    cache_inputs: bool = False
+    placement_strategy: str = "PACK"
+    #: Rows of the per-worker local shuffle buffer (streamed shards arrive in manifest order).
+    shuffle_buffer: int = 1024
+    fault: FaultInjection | None = None
+
+    @property
+    def max_epochs(self) -> int:
+        return self.preset.optim.max_epochs
+
+    @property
+    def per_worker_batch(self) -> int:
+        """The preset's batch is global: split across the workers."""
+        return max(1, self.preset.optim.batch_size // self.num_workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["preset"] = self.preset.to_dict()
+        return d
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a re-run to resume this run (not epochs, workers or resources)."""
+        preset = self.preset.to_dict()
+        preset["optim"] = {k: v for k, v in preset["optim"].items() if k != "max_epochs"}
+        return {"data": self.data, "preset": preset, "split": dataclasses.asdict(self.split), "seed": self.seed}
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (also in RUN/run.json)."""
+
+    run: str
+    model_path: str
+    preset: str
+    target: str
+    task: str
+    epochs_run: int
+    best_epoch: int
+    best_val_loss: float
+    val_metrics: dict[str, float]
+    test_metrics: dict[str, float] | None
+    split_counts: dict[str, int]
+    resumed_from: list[int]
+    worker_nodes: list[str]
+    wall_s: float
+    train_samples_per_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def history_text(history: Sequence[Mapping[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in history)
+
+
+def columns_present(data: str) -> list[str]:
+    return [c["name"] for c in store.read_manifest(data)["columns"]]
+
+
+def index_pass(data: str, target: str, split: SplitSpec) -> pd.DataFrame:
+    """ecg_id, patient_id, target, split code and 'labelled' of every row (scalar columns only)."""
+    present = set(columns_present(data))
+    if target not in present:
+        raise TrainError(f"target column {target!r} is not in {data}; columns: {', '.join(sorted(present))}")
+    if split.column is not None and split.column not in present:
+        raise TrainError(f"split column {split.column!r} is not in {data}")
+    columns = [c for c in dict.fromkeys(["ecg_id", "patient_id", target, split.column]) if c and c in present]
+    frames = []
+    for table in store.iter_shards(data, columns=columns):
+        frame = table.to_pandas()
+        frame["split"] = split.assign_frame(frame)
+        frames.append(frame)
+    index = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*columns, "split"])
+    index["labelled"] = labelled(index[target]) if len(index) else np.zeros(0, dtype=bool)
+    return index
+
+
+def resolve_target(preset: Preset, target: str | None, task: str | None, index: pd.DataFrame) -> Preset:
+    """Retarget the preset at ``target``: binary when its values are 0/1 (or task says so), else z-scored."""
+    if target is None or target == preset.target.column:
+        return preset
+    train_values = index.loc[index["split"] == SPLIT_CODES["train"], target]
+    values = (
+        pd.to_numeric(train_values.map(lambda v: float(v) if isinstance(v, (bool, np.bool_)) else v), errors="coerce")
+        .dropna()
+        .to_numpy(dtype=float)
+    )
+    if len(values) < 2:
+        raise TrainError(f"target column {target!r} has fewer than 2 numeric training values")
+    inferred = "binary" if set(np.unique(values)) <= {0.0, 1.0} else "regression"
+    task = task or inferred
+    if task == "binary":
+        if inferred != "binary":
+            raise TrainError(f"target column {target!r} is not binary (values other than 0/1)")
+        prevalence = float(values.mean())
+        if not 0.0 < prevalence < 1.0:
+            raise TrainError(f"binary target {target!r} has only one class in the training split")
+        return preset.with_target(target, task="binary", pos_weight=1.0)
+    return preset.with_target(target, task="regression", mean=float(values.mean()), sd=float(values.std() or 1.0))
+
+
+def make_config(
+    data: str,
+    run: str,
+    preset: str | Preset = DEFAULT_PRESET,
+    target: str | None = None,
+    task: str | None = None,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    max_epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    split: SplitSpec | None = None,
+    index: pd.DataFrame | None = None,
+    **overrides: Any,
+) -> TrainConfig:
+    """Resolve a TrainConfig from a preset and overrides (target statistics from ``index``).
+
+    Optimiser overrides (``lr``, ``batch_size``, ``max_epochs``, ``weight_decay``,
+    ``plateau_patience``, ``plateau_factor``, ``early_stopping_patience``) are applied to the
+    preset's OptimSpec; the rest are TrainConfig fields.
+    """
+    base = get_preset(preset)
+    split = split or SplitSpec()
+    if target is not None and target != base.target.column:
+        if index is None:
+            raise TrainError("a retargeted preset needs the index pass")
+        base = resolve_target(base, target, task, index)
+    optim_fields = {f.name for f in dataclasses.fields(base.optim)}
+    optim_overrides = {k: overrides.pop(k) for k in list(overrides) if k in optim_fields}
+    optim_overrides.update({k: v for k, v in (("lr", lr), ("batch_size", batch_size), ("max_epochs", max_epochs)) if v})
+    base = dataclasses.replace(base, optim=dataclasses.replace(base.optim, **optim_overrides))
+    return TrainConfig(
+        data=data, run=run, preset=base, split=split, num_workers=num_workers, use_gpu=use_gpu, **overrides
+    )
+
+
+def load_run_record(run: str) -> dict[str, Any] | None:
+    url = run_url(run, RUN_FILE)
+    return store.read_json(url) if store.exists(url) else None
+
+
+def remove_run_outputs(run: str) -> None:
+    """Remove what a run wrote (RUN_OUTPUTS) and nothing else: user files in RUN stay."""
+    fs, path = store.filesystem(run)
+    for name in RUN_OUTPUTS:
+        target = store.join_url(path, name)
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+
+
+def check_run_folder(run: str) -> None:
+    """Refuse a RUN that holds a dataset or files that are not a run's (never mix or delete them)."""
+    fs, path = store.filesystem(run)
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise TrainError(f"--run {run} is a file, not a folder")
+    if store.dataset_exists(run):
+        raise TrainError(f"--run {run} holds a dataset; choose another folder for the run")
+    foreign = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    foreign = [n for n in foreign if n not in RUN_OUTPUTS and not n.startswith(".")]
+    if foreign and not fs.exists(store.join_url(path, RUN_FILE)):
+        shown = ", ".join(sorted(foreign)[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise TrainError(f"--run {run} is a non-empty folder that is not an lvm-ray run ({shown}); choose another")
