@@ -6,12 +6,16 @@ command that needs no Ray never starts one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from lvm_ray.presets import preset_names
 
 app = typer.Typer(
     name="lvm-ray",
@@ -19,6 +23,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain Click help: wraps cleanly in 80 columns (rich panels truncate long words).
+    rich_markup_mode=None,
 )
 
 AddressOption = Annotated[
@@ -68,6 +74,26 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line (KeyError's repr quotes dropped; only the first line kept)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return (text.strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _interruptible(command: Callable[..., None]) -> Callable[..., None]:
+    """Ctrl-C ends a long stage with one line; what it finished is kept, and a re-run resumes."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.secho("interrupted: re-run the same command to resume", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
 def _progress(label: str):
     def report(done: int, total: int) -> None:
         typer.echo(f"\r{label}: {done}/{total} ({done / max(total, 1):.0%})", nl=done >= total, err=True)
@@ -92,6 +118,7 @@ def synth(
 
 
 @app.command()
+@_interruptible
 def ingest(
     sources: Annotated[list[str], typer.Argument(help="Files, folders, globs or a PTB-XL root; any fsspec URL.")],
     out: Annotated[str, typer.Option(help="Dataset URL or path to write.")],
@@ -109,7 +136,7 @@ def ingest(
     ] = None,
     max_rows_per_shard: Annotated[int, typer.Option(min=1, help="Upper bound of ECGs per shard.")] = 1000,
     address: AddressOption = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Read ECG exports (WFDB, GE MUSE, GE CardioSoft, HL7 aECG, DICOM, NumPy) into canonical shards.
 
@@ -162,6 +189,7 @@ def summary(data: Annotated[str, typer.Option(help="Dataset URL or path.")]) -> 
 
 
 @app.command()
+@_interruptible
 def rules(
     data: Annotated[str, typer.Option(help="Dataset URL or path.")],
     out: Annotated[
@@ -190,11 +218,12 @@ def rules(
 
 
 @app.command()
+@_interruptible
 def train(
     data: Annotated[str, typer.Option(help="Dataset URL or path (ECG shards with the target column).")],
     run: Annotated[str, typer.Option(help="Run folder (any URL): checkpoints, metrics, split. Re-running resumes.")],
     preset: Annotated[
-        str, typer.Option(help="Model preset: lvm-cpu (CPU/demo), lvm-ai-2021 (published, GPU), ...")
+        str, typer.Option(help=f"Model preset, one of: {', '.join(preset_names())} (lvm-cpu: CPU/demo).")
     ] = "lvm-cpu",
     target: Annotated[
         str | None, typer.Option(help="Column to learn (default: the preset's, lv_mass_g). Binary columns classify.")
@@ -270,6 +299,7 @@ def train(
 
 
 @app.command()
+@_interruptible
 def score(
     data: Annotated[str, typer.Option(help="Dataset URL or path.")],
     checkpoint: Annotated[str, typer.Option(help="Run folder or checkpoint file (any URL).")],
@@ -317,12 +347,12 @@ def evaluate(
 ) -> None:
     """Pearson r, MAE, Bland-Altman, c-statistics with DeLong CIs and tests against the voltage rules."""
     from lvm_ray.evaluate import evaluate as run_evaluate
-    from lvm_ray.store import join_url
+    from lvm_ray.store import StoreError, join_url
 
     try:
         metrics = run_evaluate(predictions, out)
-    except ValueError as exc:
-        _fail(str(exc))
+    except (ValueError, FileNotFoundError, StoreError) as exc:
+        _fail(_one_line(exc))
     typer.echo(f"evaluate -> {out}  (n = {metrics['n']})")
     typer.echo(f"  Pearson r {metrics['pearson_r']:.3f} {metrics['pearson_r_ci']}, MAE {metrics['mae_g']:.1f} g")
     for name, c in metrics["c_statistics"].items():
@@ -349,8 +379,8 @@ def outcomes(
 
     try:
         results = run_outcomes(predictions, followup, out)
-    except (ValueError, StoreError) as exc:
-        _fail(str(exc))
+    except (ValueError, StoreError, FileNotFoundError, KeyError) as exc:
+        _fail(_one_line(exc))
     typer.echo(f"outcomes -> {out}")
     for name, r in results.items():
         if r.get("hr") is None:
@@ -372,9 +402,12 @@ def report(
     ] = None,
 ) -> None:
     """Render one self-contained HTML report: figures and tables of the evaluation and outcomes."""
-    from lvm_ray.report import render_report
+    from lvm_ray.report import ReportError, render_report
 
-    typer.echo(f"report -> {render_report(eval_dir, outcomes_dir, out)}")
+    try:
+        typer.echo(f"report -> {render_report(eval_dir, outcomes_dir, out)}")
+    except (ReportError, FileNotFoundError, ValueError) as exc:
+        _fail(_one_line(exc))
 
 
 @app.command()
@@ -409,7 +442,7 @@ def demo(
         int, typer.Option(min=200, help="Size of the outpatient cohort scored for outcomes.")
     ] = 3000,
     max_epochs: Annotated[int, typer.Option(min=1, help="Upper bound on training epochs.")] = 12,
-    seed: Annotated[int, typer.Option()] = 7,
+    seed: Annotated[int, typer.Option(help="Random seed of the CMR cohort (the outpatient cohort uses seed + 1).")] = 7,
 ) -> None:
     """Run the whole study end to end on a generated cohort and the bundled real sample ECGs."""
     from lvm_ray.demo import run_demo
@@ -424,3 +457,76 @@ def main() -> None:  # pragma: no cover - console entry point
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@app.command("import-keras")
+def import_keras_command(
+    model_file: Annotated[str, typer.Argument(help="Keras .h5 file of the published LVM-AI (ML4H), any URL.")],
+    run: Annotated[str, typer.Option(help="Run folder to write: RUN/model.pt and RUN/run.json.")],
+    ecg_input: Annotated[
+        str | None, typer.Option(help="The ECG input layer's name (default: the input of the convolutions).")
+    ] = None,
+    covariate: Annotated[
+        list[str] | None,
+        typer.Option(help="Map a Keras input to a covariate, NAME=age|sex|bmi (repeatable; default: by its name)."),
+    ] = None,
+    lvm_output: Annotated[
+        str | None, typer.Option(help="The LV mass output layer (default: the 1-unit linear output).")
+    ] = None,
+    lvh_output: Annotated[
+        str | None, typer.Option(help="The LVH output layer (default: the 2-unit softmax output, if any).")
+    ] = None,
+    lead_order: Annotated[
+        str | None, typer.Option(help="The file's ECG channel order, comma-separated (default: ML4H's).")
+    ] = None,
+    scale_uv: Annotated[
+        float | None, typer.Option(help="The file's ECG input is microvolts / this (ML4H: 2000).")
+    ] = None,
+    lvm_mean: Annotated[float | None, typer.Option(help="Grams = z x lvm-sd + lvm-mean (ML4H: 89.7).")] = None,
+    lvm_sd: Annotated[float | None, typer.Option(help="LV mass z-score SD in grams (ML4H: 24.8).")] = None,
+    age_mean: Annotated[float | None, typer.Option(help="Age z-score mean (default: ML4H's age_2).")] = None,
+    age_sd: Annotated[float | None, typer.Option(help="Age z-score SD (default: ML4H's age_2).")] = None,
+    bmi_mean: Annotated[float | None, typer.Option(help="BMI z-score mean (default: ML4H's bmi_21).")] = None,
+    bmi_sd: Annotated[float | None, typer.Option(help="BMI z-score SD (default: ML4H's bmi_21).")] = None,
+    sex_one_hot: Annotated[
+        str | None, typer.Option(help="Order of the sex input's one-hot units (default F,M).")
+    ] = None,
+    lvh_positive_class: Annotated[
+        int | None, typer.Option(help="The LVH output unit that means LVH (default 1).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a model already in RUN.")] = False,
+) -> None:
+    """Import the authors' Keras LVM-AI (.h5, no TensorFlow needed) as a run that score/serve/evaluate use."""
+
+    from lvm_ray.keras_import import ImportOptions, KerasImportError, import_keras
+
+    given = {
+        "ecg_input": ecg_input,
+        "lvm_output": lvm_output,
+        "lvh_output": lvh_output,
+        "scale_uv": scale_uv,
+        "lvm_mean": lvm_mean,
+        "lvm_sd": lvm_sd,
+        "age_mean": age_mean,
+        "age_sd": age_sd,
+        "bmi_mean": bmi_mean,
+        "bmi_sd": bmi_sd,
+        "lvh_positive_class": lvh_positive_class,
+    }
+    # Unset flags keep ImportOptions' defaults (ML4H's constants, declared once there).
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if lead_order is not None:
+        options["lead_order"] = tuple(s.strip() for s in lead_order.split(",") if s.strip())
+    if sex_one_hot is not None:
+        options["sex_one_hot"] = tuple(s.strip().upper() for s in sex_one_hot.split(","))
+    mapping: dict[str, str] = {}
+    for item in covariate or []:
+        name, sep, cov = item.rpartition("=")
+        if not sep or not name:
+            _fail(f"--covariate takes NAME=age|sex|bmi, got {item!r}")
+        mapping[name] = cov.strip().lower()
+    try:
+        result = import_keras(model_file, run, ImportOptions(covariate_inputs=mapping, **options), overwrite=overwrite)
+    except KerasImportError as exc:
+        _fail(str(exc))
+    typer.echo(result.summary())

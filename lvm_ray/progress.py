@@ -7,7 +7,9 @@ sees comes from the driver, through these helpers, once.
 from __future__ import annotations
 
 import json
+import sys
 import threading
+import time
 from typing import Any
 
 from lvm_ray import store
@@ -55,3 +57,65 @@ class EpochPrinter:
         self._stop.set()
         self._thread.join(timeout=5)
         self._emit()
+
+
+class Progress:
+    """A progress bar on stderr (ECGs/s and ETA): tqdm on a terminal, a few plain lines otherwise.
+
+    Non-terminal output (CI logs, files) gets one line per ~10% instead of carriage returns.
+    """
+
+    def __init__(self, total: int, label: str, unit: str = "ECG", initial: int = 0) -> None:
+        self.total, self.label, self.unit, self.done = max(int(total), 0), label, unit, int(initial)
+        self._bar = None
+        self._next_line = 0.1
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.total,
+                initial=self.done,
+                desc=label,
+                unit=unit,
+                unit_scale=False,
+                mininterval=0.5,
+                dynamic_ncols=True,
+                file=sys.stderr,
+                leave=True,
+            )
+        self._started = _now()
+        self._start_done = self.done
+
+    def update(self, n: int) -> None:
+        self.done += int(n)
+        if self._bar is not None:
+            self._bar.update(int(n))
+            return
+        share = self.done / self.total if self.total else 1.0
+        if share >= self._next_line or self.done >= self.total:
+            elapsed = max(_now() - self._started, 1e-9)
+            rate = (self.done - self._start_done) / elapsed
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            print(
+                f"{self.label}: {self.done}/{self.total} {self.unit}s ({share:.0%}, {rate:.0f} {self.unit}s/s, "
+                f"ETA {eta:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            while self._next_line <= share:
+                self._next_line += 0.1
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _now() -> float:
+    return time.monotonic()

@@ -452,12 +452,34 @@ def _outcomes_section(outcomes_dir: str) -> str:
 """
 
 
+class ReportError(ValueError):
+    """The report cannot be made from these inputs (the message names the folder and what is missing)."""
+
+
+def check_report_inputs(eval_dir: str, outcomes_dir: str | None, out: str) -> None:
+    """One-line errors for every input mistake, before anything is read or written."""
+    if not store.exists(store.join_url(eval_dir, METRICS_JSON)):
+        what = "does not exist" if not store.exists(eval_dir) else f"has no {METRICS_JSON}"
+        raise ReportError(f"--eval {eval_dir} {what}: give a folder written by `lvm-ray evaluate`")
+    if outcomes_dir is not None and not store.exists(store.join_url(outcomes_dir, OUTCOMES_JSON)):
+        what = "does not exist" if not store.exists(outcomes_dir) else f"has no {OUTCOMES_JSON}"
+        raise ReportError(f"--outcomes {outcomes_dir} {what}: give a folder written by `lvm-ray outcomes`")
+    fs, path = store.filesystem(out)
+    if fs.exists(path) and fs.isdir(path):
+        raise ReportError(f"--out {out} is a folder: give the path of an HTML file, e.g. {out.rstrip('/')}/report.html")
+    metrics = store.read_json(store.join_url(eval_dir, METRICS_JSON))
+    if not metrics.get("n"):
+        raise ReportError(f"the evaluation in {eval_dir} has n = 0 (no ECG with a CMR label): nothing to report")
+
+
 def render_report(eval_dir: str, outcomes_dir: str | None, out: str) -> str:
     """Write the HTML report to ``out`` (path or fsspec URL) and return ``out``.
 
     ``eval_dir``: the output folder of :func:`lvm_ray.evaluate.evaluate`; ``outcomes_dir``: that of
-    :func:`lvm_ray.outcomes.outcomes`, or None to leave the outcomes section out.
+    :func:`lvm_ray.outcomes.outcomes`, or None to leave the outcomes section out. The file is
+    written under a temporary name and renamed, so a half-written report never appears.
     """
+    check_report_inputs(eval_dir, outcomes_dir, out)
     eval_html, metrics = _evaluation_section(eval_dir)
     outcomes_html = (
         _outcomes_section(outcomes_dir)
@@ -493,5 +515,5 @@ def render_report(eval_dir: str, outcomes_dir: str | None, out: str) -> str:
 </body>
 </html>
 """
-    store.write_bytes(out, document.encode("utf-8"))
+    store.write_atomic(out, document.encode("utf-8"))
     return out

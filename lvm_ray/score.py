@@ -14,6 +14,7 @@ import logging
 import math
 import posixpath
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 
 from lvm_ray import store
 from lvm_ray.predict import Predictor
+from lvm_ray.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ def existing_predictions(out: str) -> tuple[set[str], set[str]]:
     fs, root = fsspec.core.url_to_fs(_parts_url(out))
     if not fs.exists(root):
         return set(), set()
+    for stale in fs.glob(posixpath.join(root, ".*.tmp")):  # a part cut short before its rename
+        fs.rm(stale)
     ids: set[str] = set()
     versions: set[str] = set()
     for path in sorted(fs.glob(posixpath.join(root, "*.parquet"))):
@@ -111,20 +115,10 @@ class ScoreBatch:
 
 def check_output_folder(out: str, data: str) -> None:
     """Refuse to write predictions into the input dataset, a file, or a folder of something else."""
-    fs, path = store.filesystem(out)
-    if store.same_location(out, data):
-        raise ScoringError(f"--out {out} is the input dataset; choose another folder for the predictions")
-    if not fs.exists(path):
-        return
-    if not fs.isdir(path):
-        raise ScoringError(f"--out {out} is a file, not a folder")
-    if store.dataset_exists(out):
-        raise ScoringError(f"--out {out} holds an ECG dataset; choose another folder for the predictions")
-    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
-    foreign = sorted(n for n in names if n not in SCORE_OUTPUTS and not n.startswith("."))
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
-        raise ScoringError(f"--out {out} holds files that are not predictions ({shown}); choose another folder")
+    try:
+        store.check_output(out, "predictions", inputs=[data])
+    except store.StoreError as exc:
+        raise ScoringError(str(exc)) from exc
 
 
 def remove_predictions(out: str) -> None:
@@ -134,6 +128,39 @@ def remove_predictions(out: str) -> None:
         target = posixpath.join(path, name)
         if fs.exists(target):
             fs.rm(target, recursive=True)
+
+
+def _write_part(out: str, tables: list[pa.Table]) -> None:
+    """One part file, written under a temporary name and renamed: a part is whole or absent."""
+    if not tables:
+        return
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+    tmp = store.join_url(_parts_url(out), f".{name}.tmp")
+    store.write_table(tmp, table)
+    fs, path = store.filesystem(tmp)
+    fs.mv(path, posixpath.join(posixpath.dirname(path), name))
+
+
+def _write_parts(predictions: Any, out: str, rows_per_file: int, progress: Progress) -> None:
+    """Stream prediction batches to parts of about ``rows_per_file`` rows as they finish.
+
+    A killed or interrupted run keeps every part written so far (Ctrl-C also flushes what is
+    buffered); re-running scores only the ECGs not in a part.
+    """
+    buffer: list[pa.Table] = []
+    rows = 0
+    with progress:
+        try:
+            for batch in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
+                buffer.append(batch)
+                rows += batch.num_rows
+                progress.update(batch.num_rows)
+                if rows >= rows_per_file:
+                    _write_part(out, buffer)
+                    buffer, rows = [], 0
+        finally:
+            _write_part(out, buffer)
 
 
 def score(
@@ -176,6 +203,11 @@ def score(
     ensure_connected(address, verbose=verbose)
     import ray
 
+    # The marker first: an interrupted run's folder is recognised as predictions, and resumed.
+    summary_url = store.join_url(out, SUMMARY_FILE)
+    if not store.exists(summary_url):
+        store.write_json(summary_url, {"status": "running", "data": data, "checkpoint": checkpoint})
+
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = resolve_gpu(use_gpu, workers=max(1, num_actors or 1), stage="score")
     loader = loader or partial(Predictor.from_checkpoint, checkpoint, use_gpu)
@@ -198,8 +230,7 @@ def score(
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
         )
-        # Parts of rows_per_file rows: what a crash can lose is bounded by that; append keeps earlier parts.
-        predictions.write_parquet(_parts_url(out), mode="append", min_rows_per_file=rows_per_file)
+        _write_parts(predictions, out, rows_per_file, Progress(n_total, "score", initial=len(done_ids)))
     scored_ids, _ = existing_predictions(out)
     result = ScoreResult(
         out=out,
@@ -209,7 +240,7 @@ def score(
         seconds=time.time() - started,
         model_version=version,
     )
-    store.write_json(store.join_url(out, SUMMARY_FILE), {**result.__dict__, "data": data, "checkpoint": checkpoint})
+    store.write_json(summary_url, {**result.__dict__, "status": "finished", "data": data, "checkpoint": checkpoint})
     if len(scored_ids) != n_total:
         raise ScoringError(f"{len(scored_ids)} of {n_total} ECGs have predictions in {out}; re-run to complete")
     return result

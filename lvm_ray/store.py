@@ -73,6 +73,15 @@ def write_bytes(url: str, payload: bytes) -> None:
         f.write(payload)
 
 
+def write_atomic(url: str, payload: bytes) -> None:
+    """Write a file under a temporary name beside it, then rename: readers see all of it or none."""
+    head, name = posixpath.split(url.rstrip("/"))
+    tmp = posixpath.join(head, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    write_bytes(tmp, payload)
+    fs, tmp_path = filesystem(tmp)
+    fs.mv(tmp_path, filesystem(url)[1])
+
+
 def write_text(url: str, text: str) -> None:
     """Write a small text file (UTF-8) to any URL, creating its folder."""
     write_bytes(url, text.encode())
@@ -417,6 +426,8 @@ def output_kind(url: str) -> str | None:
             return kind
     if SHARD_DIR in names:  # a dataset whose writer was interrupted before its manifest
         return "dataset"
+    if "parts" in names and names <= {"parts", "_SUCCESS"}:  # predictions of an older lvm-ray
+        return "predictions"
     return "empty" if not {n for n in names if not n.startswith(".")} else "foreign"
 
 

@@ -1,0 +1,60 @@
+"""The tree's rules, checked as behaviour: the pure domain imports no Ray, one home per derivation."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lvm_ray"
+PURE = (
+    "schema",
+    "signals",
+    "formats",
+    "store",
+    "synth",
+    "rules",
+    "presets",
+    "model",
+    "stats",
+    "lvh",
+    "splits",
+    "fitting",
+    "runs",
+    "api",
+    "predict",
+    "evaluate",
+    "outcomes",
+    "report",
+    "progress",
+)
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_module_imports_no_ray(module):
+    code = f"import sys, lvm_ray.{module}; bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')); print(bad)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", f"lvm_ray.{module} pulls in Ray: {proc.stdout.strip()[:300]}"
+
+
+def test_one_definition_of_mosteller_bsa():
+    hits = [
+        f"{path.relative_to(PACKAGE)}:{i}"
+        for path in PACKAGE.rglob("*.py")
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"sqrt\(.*3600|/ 3600", line) and "def " not in line and not line.strip().startswith(("#", '"'))
+    ]
+    assert len(hits) == 1 and hits[0].startswith("lvh.py"), hits
+
+
+def test_only_ray_utils_calls_ray_init():
+    callers = [
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if "ray.init(" in path.read_text() and path.name != "ray_utils.py"
+    ]
+    assert callers == []
