@@ -94,9 +94,19 @@ def _interruptible(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-def _progress(label: str):
+def _progress(label: str) -> Callable[[int, int], None]:
+    """A (done, total) callback drawing a progress bar with ECGs/s and ETA (lvm_ray.progress)."""
+    from lvm_ray.progress import Progress
+
+    bar: list[Progress] = []
+
     def report(done: int, total: int) -> None:
-        typer.echo(f"\r{label}: {done}/{total} ({done / max(total, 1):.0%})", nl=done >= total, err=True)
+        if not bar:  # the rate counts from the first report on
+            bar.append(Progress(total, label, initial=done))
+        else:
+            bar[0].update(done - bar[0].done)
+        if done >= total:
+            bar[0].close()
 
     return report
 

@@ -93,14 +93,11 @@ class Progress:
             return
         share = self.done / self.total if self.total else 1.0
         if share >= self._next_line or self.done >= self.total:
-            elapsed = max(_now() - self._started, 1e-9)
-            rate = (self.done - self._start_done) / elapsed
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            elapsed = _now() - self._started
+            rate = (self.done - self._start_done) / elapsed if elapsed > 0.5 else float("nan")
+            pace = f", {rate:.0f} {self.unit}s/s, ETA {(self.total - self.done) / rate:.0f} s" if rate > 0 else ""
             print(
-                f"{self.label}: {self.done}/{self.total} {self.unit}s ({share:.0%}, {rate:.0f} {self.unit}s/s, "
-                f"ETA {eta:.0f} s)",
-                file=sys.stderr,
-                flush=True,
+                f"{self.label}: {self.done}/{self.total} {self.unit}s ({share:.0%}{pace})", file=sys.stderr, flush=True
             )
             while self._next_line <= share:
                 self._next_line += 0.1
