@@ -11,10 +11,12 @@ and writes to DIR:
 - ``pairs.parquet`` (predicted vs CMR, per ECG) and ``roc.parquet`` (ROC curve of predicted
   LVMI): what ``lvm_ray.report`` draws, so the report needs nothing but DIR.
 
-CMR LVH is LVMI = lv_mass_g / bsa_m2 over the sex thresholds of :class:`LVHConfig`. LVM-AI LVH
-is recomputed from the predicted LVMI with the *same* configuration (DESIGN.md: "predicted LV mass
-/ BSA over the same thresholds"), so a non-default threshold applies to both sides alike; the
-number of rows where the table's own ``lvh_pred`` disagrees is reported.
+CMR LVH is LVMI = lv_mass_g / bsa_m2 over the sex thresholds of :class:`LVHConfig` (all derived
+by :func:`lvm_ray.lvh.derive`; BSA by Mosteller from height_cm/weight_kg where bsa_m2 is missing
+and the table has them). LVM-AI LVH is recomputed from the predicted LVMI with the *same*
+configuration (DESIGN.md: "predicted LV mass / BSA over the same thresholds"), so a non-default
+threshold applies to both sides alike; the number of rows where the table's own ``lvh_pred``
+disagrees is reported.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import pandas as pd
 from sklearn.metrics import roc_curve
 
 from lvm_ray import signals, store
-from lvm_ray.lvh import LVHConfig, lv_mass_index, lvh_from_lvmi
+from lvm_ray.lvh import LVHConfig, derive
 from lvm_ray.stats import (
     auc_ci,
     binary_call_metrics,
@@ -109,6 +111,8 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
     "model_version",
     "lv_mass_g",
     "bsa_m2",
+    "height_cm",
+    "weight_kg",
     "sex",
     "age",
 )
@@ -137,15 +141,14 @@ def prepare_evaluation_frame(
     df["sex"] = normalise_sex(df["sex"])
     for column in ("lv_mass_g", "bsa_m2", "lv_mass_pred_g"):
         df[column] = pd.to_numeric(df[column], errors="coerce").astype(float)
-    df["lvmi"] = lv_mass_index(df["lv_mass_g"], df["bsa_m2"])
-    recomputed = lv_mass_index(df["lv_mass_pred_g"], df["bsa_m2"])
-    if "lvmi_pred" in df.columns:
-        given = pd.to_numeric(df["lvmi_pred"], errors="coerce").astype(float).to_numpy()
-        df["lvmi_pred"] = np.where(np.isfinite(given), given, recomputed)
-    else:
-        df["lvmi_pred"] = recomputed
-    df["lvh"] = lvh_from_lvmi(df["lvmi"], df["sex"], lvh_config).array
-    lvh_pred = lvh_from_lvmi(df["lvmi_pred"], df["sex"], lvh_config)
+    cmr = derive(df, lvh_config)
+    # The table's own lvmi_pred wins where given (the scoring stage wrote it with the same BSA).
+    predicted = derive(df, lvh_config, mass_column="lv_mass_pred_g", lvmi_column="lvmi_pred")
+    df["bsa_m2"] = cmr["bsa_m2"].to_numpy()  # Mosteller from height/weight where the table lacks BSA
+    df["lvmi"] = cmr["lvmi"].to_numpy()
+    df["lvmi_pred"] = predicted["lvmi"].to_numpy()
+    df["lvh"] = cmr["lvh"].array
+    lvh_pred = predicted["lvh"].reset_index(drop=True)
     mismatch = 0
     if "lvh_pred" in df.columns:
         given_call = _nullable_bool(df["lvh_pred"]).reset_index(drop=True)
@@ -307,6 +310,16 @@ def _fmt_pct_ci(value: Any, ci: Any) -> str:
     return f"{100 * value:.1f}% ({100 * lo:.1f}-{100 * hi:.1f})"
 
 
+def _fmt_auc_ci(auc: Any, ci: Any) -> str:
+    """'0.653 (0.608-0.698)'; '0.900 (no CI)' where the DeLong variance is undefined (one case in a class)."""
+    if auc is None:
+        return "-"
+    lo, hi = ci if ci else (None, None)
+    if lo is None or hi is None:
+        return f"{_fmt(auc)} (no CI)"
+    return f"{_fmt(auc)} ({_fmt(lo)}-{_fmt(hi)})"
+
+
 def paper_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows of the paper-shaped table: one per ECG method, formatted strings plus raw numbers."""
     rows = []
@@ -322,7 +335,7 @@ def paper_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "method": DISPLAY_NAMES.get(name, name),
-                "c_statistic": f"{_fmt(auc)} ({_fmt(ci[0])}-{_fmt(ci[1])})" if auc is not None else "-",
+                "c_statistic": _fmt_auc_ci(auc, ci),
                 "p_vs_lvm_ai": p,
                 "sensitivity": _fmt_pct_ci(calls.get("sensitivity"), calls.get("sensitivity_ci")),
                 "specificity": _fmt_pct_ci(calls.get("specificity"), calls.get("specificity_ci")),

@@ -4,8 +4,11 @@ Follow-up table (as ``lvm_ray.synth`` writes it; any fsspec URL, parquet or CSV)
 patient_id, and for each OUTCOME: <o>_prevalent (event at or before the ECG), <o>_event and
 <o>_time_years (ECG date to event or censoring). Joined to the predictions on ecg_id.
 
-Per outcome (DESIGN.md, "Statistics"): individuals with a prevalent event are excluded; Cox
-proportional hazards (lifelines, Efron ties) adjusted for age (per year, linear) and sex:
+Per outcome (DESIGN.md, "Statistics"): individuals with a prevalent event are excluded (flagged
+<o>_prevalent, or an event at time 0: at or before the ECG, as the paper counts it; a negative
+time on an unflagged row is an input error, :class:`FollowupError`); Cox proportional hazards
+(lifelines, Efron ties, fitted to a tight tolerance: :data:`COX_FIT_OPTIONS`) adjusted for age
+(per year, linear) and sex:
 
 (a) the binary exposure, LVM-AI LVH (predicted LVMI over the sex thresholds) -> hr, ci, p;
 (b) the continuous exposure per SD (predicted LV mass by default) -> hr_per_sd, ci_per_sd.
@@ -18,7 +21,8 @@ twice (the paper analyses one ECG per person).
 Cumulative incidence by LVH group is the Aalen-Johansen estimator with death as a competing
 risk when the follow-up has death columns (for death itself, and without them, it is 1 - Kaplan-
 Meier). 1 - KM treats death as censoring and so overstates the incidence of non-fatal events in
-older cohorts; Aalen-Johansen does not. It is computed here in numpy (no tie jittering).
+older cohorts; Aalen-Johansen does not (:func:`lvm_ray.stats.cumulative_incidence`, numpy, no
+tie jittering). ``competing_risks=False`` gives 1 - KM throughout.
 
 Writes DIR/outcomes.json ({OUTCOME: {"n", "events", "hr", "ci", "p", "hr_per_sd", "ci_per_sd",
 ...extras}} exactly as fixed by DESIGN.md; run-level information goes to DIR/outcomes_meta.json so
@@ -39,7 +43,8 @@ from lvm_ray import store
 from lvm_ray.evaluate import (
     normalise_sex,
 )
-from lvm_ray.lvh import LVHConfig, lv_mass_index, lvh_from_lvmi
+from lvm_ray.lvh import LVHConfig, derive
+from lvm_ray.stats import cumulative_incidence
 
 #: The paper's outcomes, in report order (death optional); others found in the table follow.
 OUTCOMES: tuple[str, ...] = ("af", "mi", "hf", "va", "death")
@@ -52,6 +57,15 @@ OUTCOME_NAMES: dict[str, str] = {
 }
 #: Below this many incident events a Cox model is not fitted (reported with a note instead).
 MIN_EVENTS = 5
+#: Newton-Raphson stopping rules for the Cox fits. lifelines' defaults (precision 1e-7, relative
+#: log-likelihood change 1e-9) stop while log hazard ratios are still ~1e-5 off the maximum;
+#: these reach it to ~1e-10 (checked against statsmodels PHReg, Efron ties) in a few more steps.
+COX_FIT_OPTIONS: dict[str, float] = {"precision": 1e-14, "r_precision": 1e-15, "max_steps": 500}
+
+
+class FollowupError(ValueError):
+    """The follow-up table is inconsistent (e.g. negative times); the message says where."""
+
 
 OUTCOMES_JSON = "outcomes.json"
 OUTCOMES_META_JSON = "outcomes_meta.json"
@@ -67,35 +81,8 @@ def detect_outcomes(followup: pd.DataFrame) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Cumulative incidence
+# Cumulative incidence (the Aalen-Johansen estimator itself is lvm_ray.stats.cumulative_incidence)
 # --------------------------------------------------------------------------------------------
-
-
-def cumulative_incidence(
-    time: np.ndarray, event: np.ndarray, competing: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Aalen-Johansen cumulative incidence of ``event`` with ``competing`` events (1 - KM if None).
-
-    CIF(t) = sum over event times t_j <= t of S(t_j-) * d_j / n_j, where S is the Kaplan-Meier
-    survival from *any* event, d_j the events of interest and n_j those at risk at t_j. With no
-    competing events S(t_j-) * d_j / n_j telescopes to 1 - KM. Returns (times, cif, at_risk) at
-    the distinct event times (cif is right-continuous: it holds from each time on).
-    """
-    time = np.asarray(time, dtype=float)
-    event = np.asarray(event, dtype=bool)
-    competing = np.zeros_like(event) if competing is None else (np.asarray(competing, dtype=bool) & ~event)
-    any_event = event | competing
-    if not any_event.any():
-        return np.zeros(0), np.zeros(0), np.zeros(0)
-    times = np.unique(time[any_event])
-    order = np.sort(time)
-    at_risk = len(time) - np.searchsorted(order, times, side="left")
-    d_interest = np.bincount(np.searchsorted(times, time[event]), minlength=len(times))
-    d_any = np.bincount(np.searchsorted(times, time[any_event]), minlength=len(times))
-    surv_after = np.cumprod(1.0 - d_any / at_risk)
-    surv_before = np.concatenate([[1.0], surv_after[:-1]])
-    cif = np.cumsum(surv_before * d_interest / at_risk)
-    return times, cif, at_risk
 
 
 def _step_at(times: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -119,7 +106,7 @@ def _fit_cox(data: pd.DataFrame, exposure: str) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cph = CoxPHFitter()
-        cph.fit(data[columns], duration_col="time", event_col="event")
+        cph.fit(data[columns], duration_col="time", event_col="event", fit_options=dict(COX_FIT_OPTIONS))
         row = cph.summary.loc[exposure]
         result.update(
             {
@@ -203,14 +190,11 @@ def _binary_exposure(
         if binary_column not in df.columns:
             raise ValueError(f"binary exposure column {binary_column!r} not found")
         return _as_boolean(df[binary_column]), f"column {binary_column}"
-    given_call = _as_boolean(df["lvh_pred"]) if exposure_column == "lv_mass_pred_g" and "lvh_pred" in df else None
-    if "bsa_m2" in df.columns:
-        bsa = pd.to_numeric(df["bsa_m2"], errors="coerce")
-        lvmi = lv_mass_index(df[exposure_column], bsa)
-        if exposure_column == "lv_mass_pred_g" and "lvmi_pred" in df.columns:
-            given = pd.to_numeric(df["lvmi_pred"], errors="coerce").to_numpy(dtype=float)
-            lvmi = np.where(np.isfinite(given), given, lvmi)
-        lvh = lvh_from_lvmi(lvmi, df["sex"], lvh_config)
+    predicted = exposure_column == "lv_mass_pred_g"
+    given_call = _as_boolean(df["lvh_pred"]) if predicted and "lvh_pred" in df else None
+    if "bsa_m2" in df.columns or {"height_cm", "weight_kg"} <= set(df.columns):
+        derived = derive(df, lvh_config, mass_column=exposure_column, lvmi_column="lvmi_pred" if predicted else None)
+        lvh = derived["lvh"].reset_index(drop=True)
         if given_call is not None:
             lvh = lvh.fillna(given_call)
         return lvh, f"{exposure_column} / bsa_m2 over the sex thresholds"
@@ -222,22 +206,34 @@ def _binary_exposure(
 
 
 def analyse_outcome(
-    cohort: pd.DataFrame, name: str, years: np.ndarray, grid_points: int = 200
+    cohort: pd.DataFrame, name: str, years: np.ndarray, grid_points: int = 200, competing_risks: bool = True
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Cox models and cumulative incidence for one outcome on a prepared cohort.
 
     ``cohort`` has columns exposure_sd_units, lvh (bool), age, male, sex, and the outcome's
-    <o>_prevalent/_event/_time_years (plus death_event/death_time_years for competing risks).
+    <o>_prevalent/_event/_time_years (plus death_event/death_time_years for competing risks,
+    used unless ``competing_risks`` is False). Prevalent (excluded): flagged <o>_prevalent, or an
+    event at time 0 (at the ECG). Raises :class:`FollowupError` for negative times on rows not
+    flagged prevalent; rows without a time are excluded and counted.
     """
     prevalent_col = f"{name}_prevalent"
-    prevalent = (
+    flagged = (
         cohort[prevalent_col].fillna(False).astype(bool).to_numpy()
         if prevalent_col in cohort.columns
         else np.zeros(len(cohort), dtype=bool)
     )
     time = pd.to_numeric(cohort[f"{name}_time_years"], errors="coerce").to_numpy(dtype=float)
     event = cohort[f"{name}_event"].fillna(False).astype(bool).to_numpy()
-    valid_time = np.isfinite(time) & (time >= 0)
+    negative = ~flagged & (time < 0)
+    if negative.any():
+        raise FollowupError(
+            f"{name}_time_years is negative in {int(negative.sum())} rows not flagged {prevalent_col}: times run "
+            f"from the ECG date (an event before the ECG is prevalent: flag it in {prevalent_col})"
+        )
+    # An event at or before the ECG is prevalent, flagged or not (the paper excludes these).
+    at_ecg = ~flagged & event & (time <= 0)
+    prevalent = flagged | at_ecg
+    valid_time = np.isfinite(time)
     keep = ~prevalent & valid_time
     data = pd.DataFrame(
         {
@@ -250,7 +246,7 @@ def analyse_outcome(
         }
     )
     competing = None
-    if name != "death" and {"death_event", "death_time_years"} <= set(cohort.columns):
+    if competing_risks and name != "death" and {"death_event", "death_time_years"} <= set(cohort.columns):
         # The follow-up censors non-fatal outcomes at death: a censored time equal to the death
         # time of someone who died is a competing death.
         death_event = cohort["death_event"].fillna(False).astype(bool).to_numpy()[keep]
@@ -268,6 +264,7 @@ def analyse_outcome(
         "p_per_sd": None,
         "person_years": float(data["time"].sum()),
         "n_prevalent_excluded": int(prevalent.sum()),
+        "n_event_at_ecg_excluded": int(at_ecg.sum()),
         "n_invalid_time_excluded": int((~prevalent & ~valid_time).sum()),
         "n_lvh": int(data["lvh"].sum()),
         "events_lvh": int(data.loc[data["lvh"] == 1, "event"].sum()),
@@ -446,6 +443,8 @@ def outcomes(
             "lvmi_pred",
             "lvh_pred",
             "bsa_m2",
+            "height_cm",
+            "weight_kg",
             "age",
             "sex",
             "model_preset",
@@ -488,20 +487,24 @@ def outcomes(
     if not (exposure_sd and math.isfinite(exposure_sd) and exposure_sd > 0):
         raise ValueError(f"the SD of {exposure_column} is {exposure_sd}: cannot express hazard ratios per SD")
     cohort["exposure_sd_units"] = cohort[exposure_column] / exposure_sd
-    if not competing_risks:
-        cohort = cohort.drop(columns=[c for c in ("death_event", "death_time_years") if c in cohort.columns])
 
     max_time = max((pd.to_numeric(cohort[f"{n}_time_years"], errors="coerce").max() for n in names), default=0.0)
     years = np.arange(1.0, math.floor(max_time) + 1.0) if math.isfinite(max_time) else np.zeros(0)
     results: dict[str, Any] = {}
     curves = []
     for name in names:
-        result, curve = analyse_outcome(cohort, name, years)
+        result, curve = analyse_outcome(cohort, name, years, competing_risks=competing_risks)
         results[name] = result
         curves.append(curve)
 
     predicted = exposure_column == "lv_mass_pred_g"
     has_death = {"death_event", "death_time_years"} <= set(cohort.columns)
+    if not has_death:
+        ci_method = "1 - Kaplan-Meier (no death columns: deaths treated as censoring)"
+    elif competing_risks:
+        ci_method = "Aalen-Johansen with death as a competing risk (1 - Kaplan-Meier for death)"
+    else:
+        ci_method = "1 - Kaplan-Meier (competing_risks=False: deaths treated as censoring)"
     meta = {
         "n_cohort": int(len(cohort)),
         "exclusions": counts,
@@ -516,11 +519,8 @@ def outcomes(
         "adjustment": ["age (per year)", "sex (male)"],
         "model": "Cox proportional hazards (lifelines CoxPHFitter, Efron ties); "
         "PH check: Schoenfeld residual test, rank time transform",
-        "cumulative_incidence_method": (
-            "Aalen-Johansen with death as a competing risk (1 - Kaplan-Meier for death)"
-            if has_death
-            else "1 - Kaplan-Meier (no death columns: deaths treated as censoring)"
-        ),
+        "cox_fit_options": dict(COX_FIT_OPTIONS),
+        "cumulative_incidence_method": ci_method,
         "min_events": MIN_EVENTS,
         "model_preset": sorted({str(v) for v in preds.get("model_preset", pd.Series(dtype=object)).dropna()}),
         "model_version": sorted({str(v) for v in preds.get("model_version", pd.Series(dtype=object)).dropna()}),

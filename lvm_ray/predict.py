@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lvm_ray.lvh import LVHConfig, body_surface_area, lv_mass_index, lvh_from_lvmi
+from lvm_ray.lvh import LVHConfig, derive
 from lvm_ray.model import LoadedCheckpoint, LVMNet, load_checkpoint, read_payload
 from lvm_ray.presets import Preset, model_to_target, prepare_covariates, prepare_input
 from lvm_ray.rules import RulesConfig, measure_batch
@@ -102,14 +102,11 @@ class Predictor:
         frame = pd.DataFrame({"ecg_id": np.asarray(metadata.get("ecg_id", np.arange(n).astype(str)), dtype=object)})
         sex = _column(metadata, "sex", n, object)
         if self.preset.target.task == "regression" and self.target_column == "lv_mass_g":
-            bsa = _column(metadata, "bsa_m2", n, float)
-            from_size = body_surface_area(
-                _column(metadata, "height_cm", n, float), _column(metadata, "weight_kg", n, float)
-            )
-            bsa = np.where(np.isfinite(bsa), bsa, from_size)
+            sizes = {c: metadata.get(c) for c in ("height_cm", "weight_kg", "bsa_m2", "sex")}
+            derived = derive({**sizes, "lv_mass_pred_g": main}, self.lvh_config, mass_column="lv_mass_pred_g", n=n)
             frame["lv_mass_pred_g"] = main
-            frame["lvmi_pred"] = lv_mass_index(main, bsa)
-            frame["lvh_pred"] = lvh_from_lvmi(frame["lvmi_pred"], sex, self.lvh_config).to_numpy()
+            frame["lvmi_pred"] = derived["lvmi"].to_numpy()
+            frame["lvh_pred"] = derived["lvh"].to_numpy()
         elif self.preset.target.task == "regression":
             frame[f"{self.target_column}_pred"] = main
         else:

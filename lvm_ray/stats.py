@@ -7,6 +7,7 @@
   (Biometrics 1988;44:837-45). Several scores on the same cases give the full covariance, hence
   the paired DeLong test.
 - Sensitivity, specificity, PPV and NPV of a binary call with Wilson score CIs.
+- Cumulative incidence by Aalen-Johansen (death as a competing risk), 1 - Kaplan-Meier without one.
 
 CIs for AUCs are "plain" (Wald on the AUC scale, AUC +- z * SE, clipped to [0, 1]) by default
 because that is what the paper reports (its c-statistic CIs are symmetric: 0.653 (0.608-0.698))
@@ -105,6 +106,22 @@ def _labels(y_true: Any) -> np.ndarray:
     return values == 1.0
 
 
+def auroc(labels: Any, scores: Any) -> float:
+    """Area under the ROC curve by Mann-Whitney (ties count 1/2); NaN when a class is absent.
+
+    The plain AUC of the training loop's validation metrics; :func:`auc_ci` adds the DeLong CI.
+    """
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=float)
+    if s.shape != y.shape:
+        raise ValueError(f"{s.shape} scores for {y.shape} labels")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _midranks(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def delong_components(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fast DeLong (Sun & Xu 2014): AUCs and the structural components V10, V01.
 
@@ -137,17 +154,22 @@ def delong_components(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray,
 
 
 def delong_covariance(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
-    """AUCs [k] and their DeLong covariance matrix [k, k]: S10/m + S01/n."""
+    """AUCs [k] and their DeLong covariance matrix [k, k]: S10/m + S01/n.
+
+    With a single positive or a single negative the sample covariance of its structural
+    components is undefined, and so is the DeLong covariance: it is NaN (not 0, which would
+    claim a perfectly precise AUC).
+    """
     auc, v10, v01 = delong_components(y_true, scores)
     m, n = v10.shape[1], v01.shape[1]
+    if m < 2 or n < 2:
+        return auc, np.full((len(auc), len(auc)), np.nan)
     # np.cov with a single row returns a 0-d array; atleast_2d keeps the [k, k] contract.
-    s10 = np.atleast_2d(np.cov(v10)) if m > 1 else np.zeros((len(auc), len(auc)))
-    s01 = np.atleast_2d(np.cov(v01)) if n > 1 else np.zeros((len(auc), len(auc)))
-    return auc, s10 / m + s01 / n
+    return auc, np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
 
 
 def delong_roc_variance(y_true: Any, scores: Any) -> tuple[float, float]:
-    """AUC of one score and its DeLong variance."""
+    """AUC of one score and its DeLong variance (NaN with a single positive or negative)."""
     auc, cov = delong_covariance(y_true, scores)
     return float(auc[0]), float(cov[0, 0])
 
@@ -156,7 +178,8 @@ def auc_ci(y_true: Any, scores: Any, level: float = 0.95, method: str = "plain")
     """AUC with a DeLong CI. ``method``: 'plain' (AUC +- z SE, clipped; the paper's) or 'logit'.
 
     Returns {"auc", "ci": [lo, hi], "se", "n", "n_pos", "method"}; AUC and CI are NaN when a
-    class is absent (no discrimination to measure).
+    class is absent (no discrimination to measure); the CI and SE alone are NaN with a single
+    positive or negative (the AUC is defined, its DeLong variance is not).
     """
     if method not in ("plain", "logit"):
         raise ValueError(f"method must be 'plain' or 'logit', got {method!r}")
@@ -166,6 +189,8 @@ def auc_ci(y_true: Any, scores: Any, level: float = 0.95, method: str = "plain")
     if n_pos == 0 or n_pos == len(y):
         return {**out, "auc": float("nan"), "ci": [float("nan"), float("nan")], "se": float("nan")}
     auc, var = delong_roc_variance(y, scores)
+    if not np.isfinite(var):
+        return {**out, "auc": auc, "ci": [float("nan"), float("nan")], "se": float("nan")}
     se = float(np.sqrt(max(var, 0.0)))
     z = float(_st.norm.ppf(0.5 + level / 2))
     if method == "plain" or auc in (0.0, 1.0):
@@ -182,8 +207,10 @@ def delong_paired_test(y_true: Any, scores_a: Any, scores_b: Any) -> dict[str, f
     """Paired DeLong test of two correlated AUCs on the same cases (two-sided).
 
     z = (AUC_a - AUC_b) / sqrt(var_a + var_b - 2 cov_ab). Returns {"auc_a", "auc_b", "diff",
-    "se_diff", "z", "p"}; p is 1.0 when the two scores rank every case identically (no
-    difference to test) and NaN when a class is absent.
+    "se_diff", "z", "p"}. z = 0 and p = 1 when the SE of the difference is 0 and so is the
+    difference (the two scores rank every case alike); z and p are NaN when the SE is 0 but the
+    AUCs differ (no variance to test the difference against), when the variance is undefined
+    (a single positive or negative) and when a class is absent.
     """
     y = _labels(y_true)
     if y.sum() == 0 or y.sum() == len(y):
@@ -192,9 +219,12 @@ def delong_paired_test(y_true: Any, scores_a: Any, scores_b: Any) -> dict[str, f
     auc, cov = delong_covariance(y, np.vstack([np.asarray(scores_a, float), np.asarray(scores_b, float)]))
     diff = float(auc[0] - auc[1])
     var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
-    se = float(np.sqrt(max(var, 0.0)))
-    if se <= 1e-15:
-        z, p = 0.0, 1.0
+    se = float(np.sqrt(max(var, 0.0))) if np.isfinite(var) else float("nan")
+    if not np.isfinite(se):
+        z, p = float("nan"), float("nan")
+    elif se <= 1e-15:
+        # No variance: equal AUCs leave nothing to test (p = 1); unequal ones cannot be tested (NaN).
+        z, p = (0.0, 1.0) if abs(diff) <= 1e-12 else (float("nan"), float("nan"))
     else:
         z = diff / se
         p = float(2 * _st.norm.sf(abs(z)))
@@ -274,3 +304,36 @@ def binary_call_metrics(y_true: Any, call: Any, level: float = 0.95) -> BinaryCa
         npv_ci=wilson_ci(tn, tn + fn, level),
         auc=(sens + spec) / 2,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Cumulative incidence
+# --------------------------------------------------------------------------------------------
+
+
+def cumulative_incidence(
+    time: Any, event: Any, competing: Any | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Aalen-Johansen cumulative incidence of ``event`` with ``competing`` events (1 - KM if None).
+
+    CIF(t) = sum over event times t_j <= t of S(t_j-) * d_j / n_j, where S is the Kaplan-Meier
+    survival from *any* event, d_j the events of interest and n_j those at risk at t_j. With no
+    competing events S(t_j-) * d_j / n_j telescopes to 1 - KM. Returns (times, cif, at_risk) at
+    the distinct event times (cif is right-continuous: it holds from each time on). Exact, in
+    numpy: tied times need no jittering.
+    """
+    time = np.asarray(time, dtype=float)
+    event = np.asarray(event, dtype=bool)
+    competing = np.zeros_like(event) if competing is None else (np.asarray(competing, dtype=bool) & ~event)
+    any_event = event | competing
+    if not any_event.any():
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    times = np.unique(time[any_event])
+    order = np.sort(time)
+    at_risk = len(time) - np.searchsorted(order, times, side="left")
+    d_interest = np.bincount(np.searchsorted(times, time[event]), minlength=len(times))
+    d_any = np.bincount(np.searchsorted(times, time[any_event]), minlength=len(times))
+    surv_after = np.cumprod(1.0 - d_any / at_risk)
+    surv_before = np.concatenate([[1.0], surv_after[:-1]])
+    cif = np.cumsum(surv_before * d_interest / at_risk)
+    return times, cif, at_risk

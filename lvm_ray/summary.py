@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lvm_ray import store
-from lvm_ray.lvh import LVHConfig, lv_mass_index, lvh_from_lvmi
+from lvm_ray.lvh import LVHConfig, derive
 
 _SUMMARY_COLUMNS = ("ecg_id", "sex", "age", "bsa_m2", "lv_mass_g", "source_format")
 
@@ -36,7 +36,7 @@ def dataset_summary(root: str, lvh_config: LVHConfig = LVHConfig()) -> dict[str,
             sub = mass[table["sex"] == sex]
             if sub.notna().any():
                 summary["lv_mass_g"][f"mean_{sex}"] = float(sub.mean())
-        lvh = lvh_from_lvmi(lv_mass_index(mass, table["bsa_m2"]), table["sex"], lvh_config)
+        lvh = derive(table, lvh_config)["lvh"].reset_index(drop=True)
         if lvh.notna().any():
             summary["lvh_prevalence"] = float(lvh.dropna().astype(bool).mean())
             summary["lvh_prevalence_by_sex"] = {

@@ -66,6 +66,7 @@ import pyarrow as pa
 from scipy.special import expit, logit
 from scipy.stats import truncnorm
 
+from lvm_ray.lvh import LVHConfig, bmi, body_surface_area, derive, weight_for_bmi
 from lvm_ray.schema import (
     INDEPENDENT_LEADS,
     INT16_MAX,
@@ -76,7 +77,7 @@ from lvm_ray.schema import (
     TRUE_AMPLITUDE_FIELDS,
     true_column,
 )
-from lvm_ray.signals import bsa_mosteller, complete_leads
+from lvm_ray.signals import complete_leads
 
 GENERATOR_VERSION = "synth-1.0.0"
 OUTCOMES: tuple[str, ...] = ("af", "mi", "hf", "va", "death")
@@ -436,14 +437,14 @@ def _covariates(d: _Draws, cfg: SynthConfig) -> dict[str, np.ndarray]:
         + cfg.height_per_year_age_cm * (age - cfg.age_reference)
     )
     height = np.clip(height, 140.0, 205.0)
-    bmi = np.clip(_by_sex(male, cfg.bmi_median) * np.exp(cfg.bmi_log_sd * d.zv("bmi")), *cfg.bmi_range)
-    weight = bmi * (height / 100.0) ** 2
-    bsa = np.asarray(bsa_mosteller(height, weight))
+    bmi_values = np.clip(_by_sex(male, cfg.bmi_median) * np.exp(cfg.bmi_log_sd * d.zv("bmi")), *cfg.bmi_range)
+    weight = weight_for_bmi(height, bmi_values)
+    bsa = body_surface_area(height, weight)
     htn_lp = (
         cfg.hypertension_logit_intercept
         + cfg.hypertension_log_or_age_per_year * (age - cfg.age_reference)
         + cfg.hypertension_log_or_male * male
-        + cfg.hypertension_log_or_bmi * (bmi - cfg.bmi_reference)
+        + cfg.hypertension_log_or_bmi * (bmi_values - cfg.bmi_reference)
     )
     htn = d.uv("htn") < expit(htn_lp)
     log_mass = (
@@ -458,7 +459,7 @@ def _covariates(d: _Draws, cfg: SynthConfig) -> dict[str, np.ndarray]:
         "age": age,
         "height_cm": height,
         "weight_kg": weight,
-        "bmi": bmi,
+        "bmi": bmi_values,
         "bsa_m2": bsa,
         "hypertension": htn,
         "lv_mass_g": np.exp(log_mass),
@@ -839,10 +840,10 @@ def _generate_block(
         "weight_kg": np.round(cov["weight_kg"], 1),
     }
     # BSA from the rounded height and weight, so a consumer recomputing it gets the same value.
-    columns["bsa_m2"] = np.asarray(bsa_mosteller(columns["height_cm"], columns["weight_kg"]))
+    columns["bsa_m2"] = body_surface_area(columns["height_cm"], columns["weight_kg"])
     columns["lv_mass_g"] = np.round(cov["lv_mass_g"], 2)
     columns["hypertension"] = cov["hypertension"]
-    columns["bmi"] = columns["weight_kg"] / (columns["height_cm"] / 100.0) ** 2
+    columns["bmi"] = bmi(columns["height_cm"], columns["weight_kg"])
     columns["true_qrs_ms"] = h.qrs_ms
     columns["true_hr_bpm"] = h.hr_bpm
     columns.update(truth)
@@ -992,9 +993,8 @@ def write_cohort(
     manifest = writer.close(extra={"kind": "synthetic", "seed": seed, "generator_version": GENERATOR_VERSION})
     write_table(join_url(out, "followup.parquet"), followup)
     write_json(join_url(out, "truth.json"), truth(config, n, seed))
-    lvmi = summary_stats["lv_mass_g"] / summary_stats["bsa_m2"]
-    thresholds = summary_stats["sex"].map({"M": config.lvh_thresholds_g_m2[0], "F": config.lvh_thresholds_g_m2[1]})
-    lvh = lvmi > thresholds
+    lvh_config = LVHConfig(dict(zip(("M", "F"), config.lvh_thresholds_g_m2, strict=True)))
+    lvh = derive(summary_stats, lvh_config)["lvh"].astype(float)
     return {
         "n": int(manifest.get("n_rows", len(summary_stats))),
         "n_quarantined": rejected,

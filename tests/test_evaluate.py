@@ -195,3 +195,35 @@ def test_thresholds_apply_to_both_sides_and_single_class_is_reported(tmp_path, p
     # The table's lvh_pred used the default thresholds: every predicted LVH now disagrees.
     assert m["lvh_pred_recomputed_mismatch"] == int(predictions["lvh_pred"].sum())
     assert m["pearson_r"] > 0.5
+
+
+def test_single_lvh_case_gives_an_auc_without_a_ci(tmp_path, predictions) -> None:
+    """One CMR LVH case: the AUC exists, its DeLong variance does not: null CIs and P, no crash."""
+    lvmi = np.sort((predictions["lv_mass_g"] / predictions["bsa_m2"]).to_numpy())
+    config = LVHConfig(thresholds_g_m2={"M": lvmi[-2], "F": lvmi[-2]})  # only the largest LVMI is above
+    m = evaluate(predictions, str(tmp_path), lvh_config=config)
+    assert m["n_lvh"] == 1
+    c = m["c_statistics"]["lvm_ai_lvmi"]
+    assert 0 <= c["auc"] <= 1 and c["ci"] == [None, None] and c["se"] is None
+    assert m["delong_p"]["lvm_ai_lvh"] is None
+    assert all(m["delong_p"][name] is None for name in ("sokolow_lyon", "cornell", "avl", "any_rule"))
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["c_statistics"]["lvm_ai_lvmi"]["ci"] == [None, None]
+    table = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert table[0]["c_statistic"] == f"{c['auc']:.3f} (no CI)"
+    assert "(no CI)" in (tmp_path / "table.md").read_text()
+
+
+def test_missing_bsa_is_mosteller_from_height_and_weight(tmp_path, predictions) -> None:
+    frame = predictions.copy()
+    frame["height_cm"] = 170.0
+    frame["weight_kg"] = frame["bsa_m2"] ** 2 * 3600 / 170.0  # Mosteller gives back bsa_m2
+    reference = evaluate(frame, str(tmp_path / "given"))
+    frame.loc[:49, "bsa_m2"] = np.nan
+    derived = evaluate(frame, str(tmp_path / "derived"))
+    assert derived["n"] == reference["n"] == len(frame) and derived["n_excluded"] == 0
+    assert derived["n_lvh"] == reference["n_lvh"]
+    for name in ("lvm_ai_lvmi", "lvm_ai_lvh", "any_rule"):
+        assert derived["c_statistics"][name]["auc"] == pytest.approx(reference["c_statistics"][name]["auc"], abs=1e-12)
+    pairs = pd.read_parquet(tmp_path / "derived" / "pairs.parquet")
+    np.testing.assert_allclose(pairs["bsa_m2"], predictions["bsa_m2"], rtol=1e-12)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lvm_ray.outcomes import cumulative_incidence, outcomes
+from lvm_ray.outcomes import FollowupError, outcomes
 
 DESIGN_OUTCOME_KEYS = {"n", "events", "hr", "ci", "p", "hr_per_sd", "ci_per_sd"}
 #: True log-HRs of the simulated cohort below: per SD of LV mass, per year of age, male.
@@ -160,32 +160,6 @@ def test_cumulative_incidence_file(true_mass_results) -> None:
     assert yearly["lvh"][4] > yearly["no_lvh"][4]
 
 
-def test_cumulative_incidence_matches_lifelines() -> None:
-    from lifelines import AalenJohansenFitter, KaplanMeierFitter
-
-    rng = np.random.default_rng(2)
-    n = 500
-    t_event = rng.exponential(5, n)
-    t_compete = rng.exponential(8, n)
-    t_censor = rng.uniform(0, 10, n)
-    time = np.minimum.reduce([t_event, t_compete, t_censor])
-    event = t_event == time
-    competing = t_compete == time
-    # No competing risk: 1 - Kaplan-Meier.
-    times, cif, _ = cumulative_incidence(time, event)
-    km = KaplanMeierFitter().fit(time, event)
-    expected = 1 - km.survival_function_at_times(times).to_numpy()
-    np.testing.assert_allclose(cif, expected, atol=1e-12)
-    # With a competing risk: Aalen-Johansen (continuous times, so lifelines needs no jitter).
-    times, cif, _ = cumulative_incidence(time, event, competing)
-    codes = np.where(event, 1, np.where(competing, 2, 0))
-    aj = AalenJohansenFitter(calculate_variance=False).fit(time, codes, event_of_interest=1)
-    ref = aj.cumulative_density_.iloc[:, 0]
-    expected = ref.reindex(times, method="ffill").to_numpy()
-    np.testing.assert_allclose(cif, expected, atol=1e-12)
-    assert cif[-1] < (1 - km.survival_function_.iloc[-1, 0])  # competing deaths lower the incidence
-
-
 def test_predicted_exposure_default_and_patient_dedup(cohort, tmp_path) -> None:
     predictions, followup = cohort
     # A second, later ECG for the first 100 patients must not count them twice.
@@ -280,3 +254,87 @@ def test_no_events_in_the_lvh_group_is_reported_not_a_crash(cohort, tmp_path) ->
     html = tmp_path / "r.html"
     render_report(str(eval_dir), str(tmp_path / "outcomes"), str(html))
     assert "fig-forest" in html.read_text()
+
+
+def test_competing_risks_off_with_death_columns_gives_one_minus_km(cohort, tmp_path) -> None:
+    from lifelines import KaplanMeierFitter
+
+    predictions, followup = cohort
+    results = outcomes(
+        predictions,
+        followup,
+        str(tmp_path),
+        exposure_column="lv_mass_g",
+        outcome_names=["hf", "death"],
+        competing_risks=False,
+    )
+    assert results["hf"]["competing_deaths"] is None and results["death"]["events"] > 0
+    meta = json.loads((tmp_path / "outcomes_meta.json").read_text())
+    assert meta["cumulative_incidence_method"].startswith("1 - Kaplan-Meier (competing_risks=False")
+    # Deaths are censorings: each group's curve is 1 - KM of heart failure.
+    curves = pd.read_parquet(tmp_path / "cumulative_incidence.parquet")
+    data = predictions.merge(followup, on="ecg_id")
+    data = data.loc[~data["hf_prevalent"]]
+    lvh = (data["lv_mass_g"] / data["bsa_m2"] > np.where(data["sex"] == "M", 72.0, 55.0)).to_numpy()
+    for group, mask in (("lvh", lvh), ("no_lvh", ~lvh)):
+        curve = curves[(curves["outcome"] == "hf") & (curves["group"] == group)]
+        km = KaplanMeierFitter().fit(data["hf_time_years"][mask], data["hf_event"][mask])
+        expected = 1 - km.survival_function_at_times(curve["time_years"]).to_numpy()
+        np.testing.assert_allclose(curve["cumulative_incidence"], expected, atol=1e-12)
+
+
+def test_cox_fits_agree_with_statsmodels_efron(cohort, tmp_path) -> None:
+    """Tied times (rounded to 0.1 y) so Efron's handling matters; every fitted model, both exposures.
+
+    With lifelines' default stopping rules the LVH log-HRs here are 1e-6 to 6e-6 off the maximum;
+    with COX_FIT_OPTIONS they agree with PHReg to ~1e-11, so 1e-7 leaves room and still bites.
+    """
+    from statsmodels.duration.hazard_regression import PHReg
+
+    predictions, followup = cohort
+    followup = followup.copy()
+    names = ["af", "mi", "hf", "va", "death"]
+    for name in names:
+        followup[f"{name}_time_years"] = np.maximum(np.round(followup[f"{name}_time_years"], 1), 0.1)
+    results = outcomes(
+        predictions, followup, str(tmp_path), exposure_column="lv_mass_g", exposure_sd=MASS_SD, outcome_names=names
+    )
+    data = predictions.merge(followup, on="ecg_id")
+    data["male"] = (data["sex"] == "M").astype(float)
+    data["lvh"] = (data["lv_mass_g"] / data["bsa_m2"] > np.where(data["sex"] == "M", 72.0, 55.0)).astype(float)
+    data["per_sd"] = data["lv_mass_g"] / MASS_SD
+    for name in names:
+        d = data.loc[~data[f"{name}_prevalent"]]
+        for exposure, key in (("lvh", "log_hr"), ("per_sd", "log_hr_per_sd")):
+            time, status = d[f"{name}_time_years"], d[f"{name}_event"].astype(int)
+            model = PHReg(time, d[[exposure, "age", "male"]], status=status, ties="efron")
+            fit = model.fit(method="newton", tol=1e-14, maxiter=200)
+            assert results[name][key] == pytest.approx(fit.params[0], abs=1e-7), (name, exposure)
+            assert results[name][f"se_{key}"] == pytest.approx(fit.bse[0], abs=1e-7), (name, exposure)
+
+
+def test_event_at_time_zero_is_prevalent_and_negative_times_are_an_error(cohort, tmp_path) -> None:
+    predictions, followup = cohort
+    followup = followup.copy()
+    incident = np.flatnonzero(~followup["hf_prevalent"].to_numpy())
+    at_ecg = incident[:40]
+    followup.loc[at_ecg, "hf_event"] = True  # diagnosed on the ECG date, not flagged prevalent
+    followup.loc[at_ecg, "hf_time_years"] = 0.0
+    results = outcomes(predictions, followup, str(tmp_path), exposure_column="lv_mass_g", outcome_names=["hf"])
+    hf = results["hf"]
+    assert hf["n_event_at_ecg_excluded"] == 40
+    assert hf["n_prevalent_excluded"] == int(followup["hf_prevalent"].sum()) + 40
+    assert hf["n"] == len(incident) - 40
+    assert hf["events"] == int((followup["hf_event"] & (followup["hf_time_years"] > 0)).sum())
+    # A negative time before any flag is an input error naming the column and the count.
+    bad = followup.copy()
+    bad.loc[incident[40:43], "hf_time_years"] = -0.5
+    with pytest.raises(FollowupError, match=r"hf_time_years is negative in 3 rows not flagged hf_prevalent"):
+        outcomes(predictions, bad, str(tmp_path / "bad"), exposure_column="lv_mass_g", outcome_names=["hf"])
+    assert issubclass(FollowupError, ValueError)  # the CLI reports ValueErrors as 'error: ...'
+    # On a row flagged prevalent a negative time (an event before the ECG) is consistent: excluded.
+    flagged = followup.copy()
+    prevalent = np.flatnonzero(followup["hf_prevalent"].to_numpy())[:3]
+    flagged.loc[prevalent, "hf_time_years"] = -2.0
+    again = outcomes(predictions, flagged, str(tmp_path / "ok"), exposure_column="lv_mass_g", outcome_names=["hf"])
+    assert again["hf"]["n"] == hf["n"] and again["hf"]["events"] == hf["events"]

@@ -92,6 +92,40 @@ def test_auc_matches_sklearn(correlated_scores) -> None:
         assert var > 0
 
 
+def test_auroc_matches_sklearn_with_ties_and_is_nan_for_one_class(correlated_scores) -> None:
+    y, scores = correlated_scores
+    for s in scores:  # rounded scores and a 0/1 flag: ties count 1/2
+        assert stats.auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert stats.auroc(y.astype(float), -scores[0]) == pytest.approx(1 - roc_auc_score(y, scores[0]), abs=1e-12)
+    assert np.isnan(stats.auroc(np.ones(5, dtype=bool), np.arange(5.0)))
+    assert np.isnan(stats.auroc(np.zeros(5), np.arange(5.0)))
+    with pytest.raises(ValueError, match="scores for"):
+        stats.auroc(y, scores[0][:-1])
+
+
+def test_delong_variance_is_undefined_with_a_single_positive_or_negative() -> None:
+    y = np.array([True, False, False, False, False])
+    # The AUC exists (0.75 here) but one positive gives no sample variance of its components.
+    auc, var = stats.delong_roc_variance(y, np.array([3.0, 1.0, 2.0, 4.0, 0.0]))
+    assert auc == pytest.approx(0.75) and np.isnan(var)
+    for labels in (y, ~y):
+        res = stats.auc_ci(labels, np.array([5.0, 1.0, 2.0, 3.0, 4.0]))
+        assert np.isfinite(res["auc"]) and np.isnan(res["se"]) and np.isnan(res["ci"]).all()
+        test = stats.delong_paired_test(labels, np.arange(5.0), np.array([0.0, 4.0, 3.0, 2.0, 1.0]))
+        assert np.isfinite(test["diff"]) and np.isnan(test["z"]) and np.isnan(test["p"])
+
+
+def test_paired_delong_with_zero_se_but_different_aucs_is_nan_not_p_one() -> None:
+    y = np.array([False, False, False, True, True, True])
+    perfect, reversed_ = np.arange(6.0), -np.arange(6.0)
+    res = stats.delong_paired_test(y, perfect, reversed_)
+    # AUC 1 against AUC 0: every structural component is constant, so the SE is 0.
+    assert res["diff"] == pytest.approx(1.0) and res["se_diff"] == 0.0
+    assert np.isnan(res["z"]) and np.isnan(res["p"])
+    same = stats.delong_paired_test(y, perfect, 2 * perfect)  # same ranking, same AUC: nothing to test
+    assert same["z"] == 0.0 and same["p"] == 1.0
+
+
 def test_auc_ci_plain_is_symmetric_and_logit_stays_inside(correlated_scores) -> None:
     y, scores = correlated_scores
     plain = stats.auc_ci(y, scores[0])
@@ -181,3 +215,29 @@ def test_binary_call_metrics_and_auc_of_a_flag() -> None:
     assert roc_auc_score(y, call) == pytest.approx(m.auc)
     d = m.to_dict()
     assert d["sensitivity_ci"][0] < 0.25 < d["sensitivity_ci"][1]
+
+
+def test_cumulative_incidence_matches_lifelines() -> None:
+    from lifelines import AalenJohansenFitter, KaplanMeierFitter
+
+    rng = np.random.default_rng(2)
+    n = 500
+    t_event = rng.exponential(5, n)
+    t_compete = rng.exponential(8, n)
+    t_censor = rng.uniform(0, 10, n)
+    time = np.minimum.reduce([t_event, t_compete, t_censor])
+    event = t_event == time
+    competing = t_compete == time
+    # No competing risk: 1 - Kaplan-Meier.
+    times, cif, _ = stats.cumulative_incidence(time, event)
+    km = KaplanMeierFitter().fit(time, event)
+    expected = 1 - km.survival_function_at_times(times).to_numpy()
+    np.testing.assert_allclose(cif, expected, atol=1e-12)
+    # With a competing risk: Aalen-Johansen (continuous times, so lifelines needs no jitter).
+    times, cif, _ = stats.cumulative_incidence(time, event, competing)
+    codes = np.where(event, 1, np.where(competing, 2, 0))
+    aj = AalenJohansenFitter(calculate_variance=False).fit(time, codes, event_of_interest=1)
+    ref = aj.cumulative_density_.iloc[:, 0]
+    expected = ref.reindex(times, method="ffill").to_numpy()
+    np.testing.assert_allclose(cif, expected, atol=1e-12)
+    assert cif[-1] < (1 - km.survival_function_.iloc[-1, 0])  # competing deaths lower the incidence

@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lvm_ray.lvh import body_surface_area
 from lvm_ray.schema import LEAD_INDEX, LEADS, N_SAMPLES, true_column
-from lvm_ray.signals import bsa_mosteller, check_quality
+from lvm_ray.signals import check_quality
 from lvm_ray.synth import (
     DOWER_MATRIX,
     GENERATOR_VERSION,
@@ -98,7 +99,7 @@ def test_shapes_columns_and_ids(cohort):
     assert (table.source_format == "synthetic").all() and (table.original_fs == 500.0).all()
     assert set(table.sex) == {"M", "F"}
     assert table.hypertension.dtype == bool
-    np.testing.assert_allclose(table.bsa_m2, bsa_mosteller(table.height_cm, table.weight_kg))
+    np.testing.assert_allclose(table.bsa_m2, body_surface_area(table.height_cm, table.weight_kg))
     np.testing.assert_allclose(table.bmi, table.weight_kg / (table.height_cm / 100) ** 2)
     assert (cohort.followup.ecg_id == table.ecg_id).all()
 
