@@ -81,9 +81,9 @@ class LVMNet(nn.Module):
     Published configuration (``ArchSpec()`` defaults, 12 x 5000 input): Conv(32, k71) -> pool ->
     block(32) -> pool -> block(24) -> pool -> block(16) -> flatten 625 x 16 = 10000 ->
     Dense 16 -> Dense 64 -> Dense 1; ReLU, "same" padding, no batch norm: about 1.05 M parameters.
-    Each covariate (already standardised) passes through its own Dense(covariate_units) + ReLU
-    and is concatenated to the ECG features. With ``lvh_head`` a Dense(2) on the last hidden
-    layer gives LVH logits.
+    Each covariate (already standardised) passes through its own Dense(covariate_units, or its
+    entry of covariate_widths) + ReLU and is concatenated to the ECG features. With ``lvh_head``
+    a Dense(2) on the last hidden layer gives LVH logits.
     """
 
     def __init__(
@@ -139,10 +139,14 @@ class LVMNet(nn.Module):
             self.blocks.append(DenseBlock(channels, filters, n_convs, kernel, arch.batch_norm))
             channels = filters
         features = channels * length if arch.head == "flatten" else 2 * channels
+        widths = tuple(arch.covariate_widths) or (arch.covariate_units,) * n_covariates
+        if len(widths) != n_covariates:
+            raise ValueError(f"covariate_widths gives {len(widths)} widths for {n_covariates} covariates")
+        widths = tuple(_positive_int("covariate width", w) for w in widths)
         self.covariate_layers = nn.ModuleList(
-            nn.Sequential(nn.Linear(1, arch.covariate_units), nn.ReLU(inplace=True)) for _ in range(n_covariates)
+            nn.Sequential(nn.Linear(1, width), nn.ReLU(inplace=True)) for width in widths
         )
-        features += n_covariates * arch.covariate_units
+        features += sum(widths)
         self.dropout = nn.Dropout(arch.dropout) if arch.dropout > 0 else nn.Identity()
         hidden: list[nn.Module] = []
         for units in dense:
@@ -276,8 +280,12 @@ def checkpoint_payload(
     metrics: Mapping[str, Any] | None = None,
     split: Mapping[str, Any] | None = None,
     training_state: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The dict a checkpoint holds (tensors, plain containers and scalars only: loadable with weights_only)."""
+    """The dict a checkpoint holds (tensors, plain containers and scalars only: loadable with weights_only).
+
+    ``provenance`` says where weights not trained by lvm-ray came from (e.g. an imported Keras file).
+    """
     return {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -291,6 +299,7 @@ def checkpoint_payload(
         "metrics": dict(metrics or {}),
         "split": dict(split or {}),
         "training_state": dict(training_state or {}),
+        "provenance": dict(provenance or {}),
     }
 
 

@@ -83,6 +83,9 @@ class ArchSpec:
     dense_units: tuple[int, ...] = (16, 64)
     #: Units of the small Dense+ReLU each covariate passes through before the concatenation.
     covariate_units: int = 8
+    #: Per-covariate units, in covariate order, when they differ (ML4H: age 32, sex 2, BMI 32);
+    #: empty = ``covariate_units`` for every covariate.
+    covariate_widths: tuple[int, ...] = ()
     dropout: float = 0.0
 
 
@@ -158,7 +161,7 @@ class Preset:
         """Inverse of :meth:`to_dict` (tuples restored)."""
         p = dict(payload)
         arch = dict(p.get("arch", {}))
-        for key in ("block_filters", "dense_units"):
+        for key in ("block_filters", "dense_units", "covariate_widths"):
             if key in arch:
                 arch[key] = tuple(arch[key])
         return cls(

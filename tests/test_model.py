@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 
 import numpy as np
@@ -74,6 +75,23 @@ def test_forward_shapes(name: str):
         assert out.lvh_logits.shape == (2, 2)
 
 
+def test_per_covariate_widths_and_old_presets_unchanged():
+    # ML4H's covariate branches differ in width (age 32, sex 2, BMI 32).
+    arch = ArchSpec(covariate_widths=(32, 2, 32))
+    model = LVMNet(arch, n_covariates=3)
+    assert [seq[0].out_features for seq in model.covariate_layers] == [32, 2, 32]
+    assert model.hidden[0].in_features == 10_000 + 66
+    out = model(torch.zeros(2, 12, N_SAMPLES), torch.zeros(2, 3))
+    assert out.main.shape == (2,)
+    # Presets and checkpoints written before the field existed read back as the same preset.
+    for name in preset_names():
+        payload = get_preset(name).to_dict()
+        del payload["arch"]["covariate_widths"]
+        assert Preset.from_dict(payload) == get_preset(name)
+    widened = dataclasses.replace(get_preset("lvm-ai-2021-covariates"), arch=arch)
+    assert Preset.from_dict(json.loads(json.dumps(widened.to_dict()))) == widened
+
+
 def test_cpu_preset_is_small_and_fast_shape():
     preset = get_preset("lvm-cpu")
     assert preset.input.sample_rate_hz == 100 and preset.input.n_samples == 1000
@@ -131,6 +149,8 @@ def test_total_loss_adds_weighted_lvh_cross_entropy_and_ignores_unknown():
         ({"n_samples": 7, "arch": ArchSpec(kernel_size=3)}, "too short"),
         ({"n_samples": 50}, "longer than the input"),
         ({"n_covariates": -1}, "n_covariates"),
+        ({"n_covariates": 3, "arch": ArchSpec(covariate_widths=(4, 4))}, "2 widths for 3 covariates"),
+        ({"n_covariates": 1, "arch": ArchSpec(covariate_widths=(0,))}, "covariate width"),
     ],
 )
 def test_network_validates_its_arguments(kwargs, message):
@@ -228,6 +248,14 @@ def test_checkpoint_round_trip(tmp_path):
     x = torch.randn(4, 12, 1000)
     with torch.no_grad():
         assert torch.allclose(model(x).main, loaded.model(x).main)
+    assert loaded.payload["provenance"] == {}  # trained here: no foreign source
+
+
+def test_checkpoint_carries_provenance(tmp_path):
+    preset = get_preset("lvm-cpu")
+    source = {"source_file": "model.h5", "source_sha256": "ab" * 32, "constants": {"lead_order": ["I", "II"]}}
+    save_checkpoint(str(tmp_path / "model.pt"), build_model(preset), preset, provenance=source)
+    assert load_checkpoint(str(tmp_path / "model.pt")).payload["provenance"] == source
 
 
 def test_checkpoint_refuses_mismatches(tmp_path):
