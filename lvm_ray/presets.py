@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.signal import resample_poly
 
-from lvm_ray.lvh import LVHConfig, body_surface_area, lv_mass_index, lvh_from_lvmi
+from lvm_ray.lvh import LVHConfig, derive
 from lvm_ray.schema import N_LEADS, N_SAMPLES, SAMPLE_RATE_HZ
 
 Task = Literal["regression", "binary"]
@@ -343,14 +343,9 @@ def covariate_values(table: Mapping[str, Any], name: str, n: int) -> np.ndarray:
             return sex.astype(np.float64)
         return np.array([1.0 if s == "M" else 0.0 if s == "F" else np.nan for s in sex], dtype=np.float64)
     if name == "bmi":
-        bmi = _column(table, "bmi", n)
-        if bmi is not None:
-            return _as_float(bmi)
-        height, weight = _column(table, "height_cm", n), _column(table, "weight_kg", n)
-        if height is None or weight is None:
-            return np.full(n, np.nan)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return _as_float(weight) / (_as_float(height) / 100.0) ** 2
+        # The given BMI where known, else from height and weight (lvm_ray.lvh, row by row).
+        sizes = {c: _column(table, c, n) for c in ("bmi", "height_cm", "weight_kg")}
+        return derive(sizes, n=n)["bmi"].to_numpy(dtype=np.float64)
     values = _column(table, name, n)
     return np.full(n, np.nan) if values is None else _as_float(values)
 
@@ -367,11 +362,11 @@ def prepare_covariates(table: Mapping[str, Any], n: int, preset: Preset | str) -
 
 def lvh_labels(table: Mapping[str, Any], n: int, config: LVHConfig = LVHConfig()) -> np.ndarray:
     """CMR LVH (lvm_ray.lvh) from LV mass, BSA (or Mosteller from height/weight) and sex: 1/0, or -1 where unknown."""
-    bsa = covariate_values(table, "bsa_m2", n)
-    from_size = body_surface_area(covariate_values(table, "height_cm", n), covariate_values(table, "weight_kg", n))
-    bsa = np.where(np.isfinite(bsa), bsa, from_size)
-    sex = np.array([{1.0: "M", 0.0: "F"}.get(v) for v in covariate_values(table, "sex", n)], dtype=object)
-    lvh = lvh_from_lvmi(lv_mass_index(covariate_values(table, "lv_mass_g", n), bsa), sex, config)
+    columns: dict[str, Any] = {
+        c: covariate_values(table, c, n) for c in ("lv_mass_g", "bsa_m2", "height_cm", "weight_kg")
+    }
+    columns["sex"] = np.array([{1.0: "M", 0.0: "F"}.get(v) for v in covariate_values(table, "sex", n)], dtype=object)
+    lvh = derive(columns, config, n=n)["lvh"]
     return lvh.astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
 
 
