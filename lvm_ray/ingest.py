@@ -7,6 +7,7 @@ read in parallel with Ray Data, each task writing its own shard straight to the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -23,13 +24,20 @@ import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from lvm_ray import store
-from lvm_ray.formats import detect_format, is_ecg_file, read_ecg
+from lvm_ray.formats import SUPPORTED_SUFFIXES, detect_format, is_ecg_file, read_ecg
 from lvm_ray.lvh import body_surface_area
-from lvm_ray.schema import CART_FIELDS, CORE_FIELDS, shard_schema
-from lvm_ray.signals import ECGReadError, QualityConfig, RawECG, Rejection, canonical_waveform, normalise_sex
+from lvm_ray.schema import CART_FIELDS, CORE_FIELDS, QUALITY_FLAG, shard_schema
+from lvm_ray.signals import (
+    ECGReadError,
+    QualityConfig,
+    RawECG,
+    Rejection,
+    amplitude_normalisation,
+    canonical_waveform,
+    normalise_sex,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,9 @@ class IngestOptions:
     ptbxl_rate: str = "auto"
     #: Where PTB-XL record paths resolve (default: the metadata's folder).
     ptbxl_records: str | None = None
+    #: Quarantine records with a quality flag (amplitude-normalised) instead of storing them
+    #: flagged; ``ingest --strict`` sets it.
+    reject_flagged: bool = False
 
 
 @dataclass
@@ -63,6 +74,14 @@ class IngestResult:
     quarantine_by_reason: dict[str, int]
     seconds: float
     manifest: dict[str, Any]
+    #: Stored ECGs with a quality flag (amplitude-normalised), by the flag's kind.
+    n_flagged: int = 0
+    flagged_by_reason: dict[str, int] = field(default_factory=dict)
+    #: With a user labels table: its join key and how many stored ECGs it has a row for.
+    labels_key: str | None = None
+    labels_matched: int | None = None
+    #: One line each, also logged: nothing stored, labels matching nothing, flagged ECGs.
+    warnings: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,14 +130,70 @@ def _ptbxl_sources(root_url: str, options: IngestOptions) -> tuple[list[dict[str
     return entries, labels
 
 
+def _glob_root(path: str) -> str:
+    """The folder a glob pattern searches: its path up to the first component with a wildcard."""
+    parts = path.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    return "/".join(parts[:fixed]) or "/"
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    return fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+
+
+def _strip_suffix(path: str) -> str:
+    """The path without an ECG file suffix (other dots, as in 'ecg.2020-01-02.xml', stay)."""
+    stem, ext = posixpath.splitext(path)
+    return stem if ext.lower() in SUPPORTED_SUFFIXES else path
+
+
+def _entry(uri: str, path: str, protocol: str) -> dict[str, Any]:
+    return {"uri": uri, "ecg_id": None, "path": path, "protocol": protocol}
+
+
+def assign_ecg_ids(entries: list[dict[str, Any]], roots: Sequence[tuple[str, str]]) -> None:
+    """Give every entry without an ecg_id one that no other entry has, derived from its path.
+
+    The id is the file's path relative to the deepest folder holding all ``roots`` (the
+    source folders, and the folders of source files), without its suffix: ``ecg`` for
+    ``export/ecg.xml`` when ``export`` is the only source, ``siteA/ecg`` and ``siteB/ecg`` for
+    two sites' ``ecg.xml`` under a common folder. Entries that would still share an id (``x.hea``
+    beside ``x.npz``, or a name equal to a PTB-XL record id) keep their suffix. Sources on
+    different filesystems are told apart by their protocol (``s3/bucket/...``).
+    """
+    pending = [e for e in entries if not e.get("ecg_id")]
+    if not pending:
+        return
+    mixed = len({proto for proto, _ in roots} | {e["protocol"] for e in pending}) > 1
+
+    def key(protocol: str, path: str) -> str:
+        return f"{protocol}/{path.lstrip('/')}" if mixed else path
+
+    common = posixpath.commonpath([key(proto, path) for proto, path in roots])
+    taken = Counter(e["ecg_id"] for e in entries if e.get("ecg_id"))
+    # Every entry lies under one of the roots, hence under their common folder.
+    relative = [key(e["protocol"], e["path"])[len(common) :].lstrip("/") for e in pending]
+    stems = [_strip_suffix(rel) for rel in relative]
+    clashes = Counter(stems) + taken
+    for entry, rel, stem in zip(pending, relative, stems, strict=True):
+        entry["ecg_id"] = stem if clashes[stem] == 1 else rel
+
+
 def discover_sources(
     sources: Sequence[str], options: IngestOptions = IngestOptions()
 ) -> tuple[list[dict], pd.DataFrame | None]:
-    """Expand SOURCE arguments into one entry per recording, plus labels found on the way (PTB-XL)."""
+    """Expand SOURCE arguments into one entry per recording, plus labels found on the way (PTB-XL).
+
+    Every entry gets its ecg_id here (see :func:`assign_ecg_ids`; PTB-XL records keep their
+    metadata's record_id), so ids are unique before anything is read. A file listed by two
+    overlapping sources is read once.
+    """
     entries: list[dict[str, Any]] = []
     found_labels: list[pd.DataFrame] = []
+    roots: list[tuple[str, str]] = []
     for source in sources:
         fs, path = fsspec.core.url_to_fs(source)
+        protocol = _protocol(fs)
         # Keep the user's spelling: plain paths stay paths, URLs keep their protocol.
         url_of: Callable[[str], str] = fs.unstrip_protocol if "://" in source else (lambda p: p)
 
@@ -126,7 +201,8 @@ def discover_sources(
             matches = sorted(fs.glob(path))
             if not matches:
                 raise FileNotFoundError(f"no files match {source}")
-            entries += [{"uri": url_of(m), "ecg_id": None} for m in matches if fs.isfile(m) and is_ecg_file(m)]
+            entries += [_entry(url_of(m), m, protocol) for m in matches if fs.isfile(m) and is_ecg_file(m)]
+            roots.append((protocol, _glob_root(path)))
         elif fs.isdir(path):
             if _is_ptbxl_root(fs, path):
                 ptb_entries, ptb_labels = _ptbxl_sources(source, options)
@@ -134,17 +210,60 @@ def discover_sources(
                 found_labels.append(ptb_labels)
             else:
                 files = sorted(f for f in fs.find(path) if is_ecg_file(f))
-                entries += [{"uri": url_of(f), "ecg_id": None} for f in files]
+                entries += [_entry(url_of(f), f, protocol) for f in files]
+                roots.append((protocol, path.rstrip("/") or "/"))
         elif fs.exists(path) or fs.exists(path + ".hea"):
-            entries.append({"uri": source, "ecg_id": None})
+            entries.append(_entry(source, path, protocol))
+            roots.append((protocol, posixpath.dirname(path) or "/"))
         else:
             raise FileNotFoundError(f"ECG source not found: {source}")
+    unique: dict[tuple[str | None, str], dict[str, Any]] = {}
+    for e in entries:
+        unique.setdefault((e.get("protocol"), e.get("path") or e["uri"]), e)
+    if len(unique) < len(entries):
+        log.info("%d file(s) listed by more than one source are read once", len(entries) - len(unique))
+    entries = list(unique.values())
+    assign_ecg_ids(entries, roots)
+    for order, e in enumerate(entries):
+        e.pop("path", None)
+        e.pop("protocol", None)
+        e["order"] = order
     labels = pd.concat(found_labels, ignore_index=True) if found_labels else None
     return entries, labels
 
 
 # ---------------------------------------------------------------------------------------------
 # Labels
+
+
+def _id_text(value: object) -> str | None:
+    """An id cell as text: None for missing; 42.0 (a number column with gaps) -> '42'."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def read_labels(source: str | pd.DataFrame) -> pd.DataFrame:
+    """The user's labels table (CSV/parquet, any URL, or a DataFrame); errors name the file.
+
+    Raises FileNotFoundError for a missing table and ValueError, naming it, for one that cannot be
+    parsed or has no ecg_id / patient_id column.
+    """
+    name = source if isinstance(source, str) else "the labels table"
+    try:
+        table = store.read_any_table(source)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"labels table not found: {source}") from exc
+    except (ValueError, OSError, pa.ArrowException) as exc:  # pandas/pyarrow parse errors, bad encodings
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot read labels table {name}: {detail[:200]}") from exc
+    if "ecg_id" not in table.columns and "patient_id" not in table.columns:
+        shown = ", ".join(repr(str(c)[:40]) for c in list(table.columns)[:8])
+        more = ", ..." if len(table.columns) > 8 else ""
+        raise ValueError(f"labels table {name} needs an ecg_id or patient_id column; it has {shown}{more}")
+    return table
 
 
 def prepare_labels(user_labels: pd.DataFrame | None, found_labels: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -158,7 +277,7 @@ def prepare_labels(user_labels: pd.DataFrame | None, found_labels: pd.DataFrame 
         table = table.copy()
         for key in ("ecg_id", "patient_id"):
             if key in table.columns:
-                table[key] = table[key].map(lambda v: None if pd.isna(v) else str(v))
+                table[key] = table[key].map(_id_text)
         if "sex" in table.columns:
             table["sex"] = table["sex"].map(normalise_sex)
         if "ecg_datetime" in table.columns:
@@ -235,6 +354,14 @@ def _metadata_row(raw: RawECG, ecg_id: str, uri: str) -> dict[str, Any]:
     }
 
 
+def _normalisation_flag(raw: RawECG) -> str | None:
+    """The amplitude-normalisation flag of a recording, judged on the leads its source stored."""
+    stored = [np.asarray(v, dtype=np.float64) for v in raw.signals_uv.values()]
+    if len({len(v) for v in stored}) != 1:
+        return None
+    return amplitude_normalisation(np.stack(stored))
+
+
 def read_batch(
     entries: Sequence[dict[str, Any]], options: IngestOptions
 ) -> tuple[list[dict[str, Any]], list[np.ndarray], list[Rejection]]:
@@ -263,10 +390,22 @@ def read_batch(
                 continue
             ecg_id = forced_id or raw.ecg_id or stem
             wave, reason = canonical_waveform(raw, options.quality)
+            flag = _normalisation_flag(raw)
             if reason:
-                rejections.append(Rejection(ecg_id, uri, raw.source_format, reason))
+                # 'flat leads' on a z-scored export is clearer with the reason it is flat.
+                rejections.append(Rejection(ecg_id, uri, raw.source_format, f"{reason}; {flag}" if flag else reason))
                 continue
-            rows.append(_metadata_row(raw, ecg_id, uri))
+            if flag and options.reject_flagged:
+                rejections.append(Rejection(ecg_id, uri, raw.source_format, flag))
+                continue
+            rows.append(
+                {
+                    **_metadata_row(raw, ecg_id, uri),
+                    QUALITY_FLAG: flag,
+                    "_order": entry.get("order", len(rows)),
+                    "_digest": hashlib.sha256(wave.tobytes()).hexdigest(),
+                }
+            )
             waves.append(wave)
     return rows, waves, rejections
 
@@ -278,27 +417,28 @@ def ingest_batch(
     labels: pd.DataFrame | None,
     options: IngestOptions,
 ) -> list[dict[str, Any]]:
-    """Read a batch of sources and write them as one shard; return manifest rows and rejections."""
+    """Read a batch of sources and write them as one shard; return manifest rows and rejections.
+
+    A shard row also lists, per ECG, its ecg_id, source order, waveform digest, quality flag and
+    patient_id, for the duplicate check across shards and the summary.
+    """
     rows, waves, rejections = read_batch(entries, options)
     results: list[dict[str, Any]] = [{"kind": "reject", **r.__dict__} for r in rejections]
     if rows:
-        meta = pd.DataFrame(rows)
-        duplicated = meta["ecg_id"].duplicated(keep="first").to_numpy()
-        for i in np.flatnonzero(duplicated):
-            results.append(
-                {
-                    "kind": "reject",
-                    "ecg_id": meta.ecg_id[i],
-                    "source_uri": meta.source_uri[i],
-                    "source_format": meta.source_format[i],
-                    "reason": f"duplicate ecg_id {meta.ecg_id[i]!r}",
-                }
-            )
-        keep = ~duplicated
-        meta = _apply_labels(meta[keep].reset_index(drop=True), labels)
+        meta = _apply_labels(pd.DataFrame(rows), labels)
         meta["bsa_m2"] = body_surface_area(meta["height_cm"], meta["weight_kg"])
-        shard = store.write_shard(out, store.build_shard_table(meta, np.stack(waves)[keep], schema), prefix="ingest")
-        results.append({"kind": "shard", **shard.__dict__, "ecg_ids": list(meta["ecg_id"])})
+        shard = store.write_shard(out, store.build_shard_table(meta, np.stack(waves), schema), prefix="ingest")
+        results.append(
+            {
+                "kind": "shard",
+                **shard.__dict__,
+                "ecg_ids": list(meta["ecg_id"]),
+                "orders": [int(o) for o in meta["_order"]],
+                "digests": list(meta["_digest"]),
+                "flags": [None if pd.isna(f) else str(f) for f in meta[QUALITY_FLAG]],
+                "patient_ids": [None if pd.isna(p) else str(p) for p in meta["patient_id"]],
+            }
+        )
     return results
 
 
@@ -306,30 +446,58 @@ def ingest_batch(
 # The stage
 
 
-def _dedupe_across_shards(out: str, shard_rows: list[dict[str, Any]]) -> tuple[list[store.ShardInfo], list[dict]]:
-    """Keep the first copy of an ecg_id seen in two shards; quarantine the others (rewriting those shards)."""
-    seen: set[str] = set()
+@dataclass
+class _Kept:
+    """What the stage needs to know of every stored ECG after the duplicate check."""
+
+    ecg_ids: list[str] = field(default_factory=list)
+    patient_ids: list[str | None] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+
+
+def _dedupe_across_shards(
+    out: str, shard_rows: list[dict[str, Any]]
+) -> tuple[list[store.ShardInfo], list[dict[str, Any]], _Kept]:
+    """Keep the first recording (in source order) of each waveform and each ecg_id; quarantine the rest.
+
+    A later copy of the same canonical waveform is a true duplicate and names the ECG it
+    duplicates; a different recording under an id already taken (only possible with ids from
+    metadata, e.g. a PTB-XL table listing one record_id twice) is an id clash. Shards that lose
+    rows are rewritten.
+    """
+    by_digest: dict[str, str] = {}
+    seen_ids: set[str] = set()
+    dropped: list[dict[int, str]] = [{} for _ in shard_rows]
+    positions = [(order, s, i) for s, row in enumerate(shard_rows) for i, order in enumerate(row["orders"])]
+    for _, s, i in sorted(positions):
+        ecg_id, digest = shard_rows[s]["ecg_ids"][i], shard_rows[s]["digests"][i]
+        if digest in by_digest:
+            dropped[s][i] = f"duplicate recording: same waveform as ecg_id {by_digest[digest]!r} (kept that one)"
+        elif ecg_id in seen_ids:
+            dropped[s][i] = f"duplicate ecg_id {ecg_id!r}: a different recording already has this id (kept the first)"
+        else:
+            by_digest[digest] = ecg_id
+            seen_ids.add(ecg_id)
     shards: list[store.ShardInfo] = []
     rejections: list[dict[str, Any]] = []
-    for row in sorted(shard_rows, key=lambda r: r["path"]):
-        ids = row["ecg_ids"]
-        dup = [i in seen for i in ids]
-        seen.update(ids)
+    kept = _Kept()
+    for row, drop in zip(shard_rows, dropped, strict=True):
+        keep = [i for i in range(len(row["ecg_ids"])) if i not in drop]
+        kept.ecg_ids += [row["ecg_ids"][i] for i in keep]
+        kept.patient_ids += [row["patient_ids"][i] for i in keep]
+        kept.flags += [row["flags"][i] for i in keep if row["flags"][i]]
         info = store.ShardInfo(row["path"], row["rows"], row["bytes"], row["sha256"])
-        if any(dup):
+        if drop:
             table = store.read_shard(out, info.path)
-            mask = pa.array([not d for d in dup])
-            for removed in table.filter(pc.invert(mask)).select(["ecg_id", "source_uri", "source_format"]).to_pylist():
-                rejections.append(
-                    {**removed, "reason": f"duplicate ecg_id {removed['ecg_id']!r} (kept the first copy)"}
-                )
+            removed = table.take(pa.array(sorted(drop))).select(["ecg_id", "source_uri", "source_format"])
+            for i, record in zip(sorted(drop), removed.to_pylist(), strict=True):
+                rejections.append({**record, "reason": drop[i]})
             store.remove(out, info.path)
-            kept = table.filter(mask)
-            if kept.num_rows == 0:
+            if not keep:
                 continue
-            info = store.write_shard(out, kept, prefix="ingest")
+            info = store.write_shard(out, table.take(pa.array(keep)), prefix="ingest")
         shards.append(info)
-    return shards, rejections
+    return shards, rejections, kept
 
 
 def ingest(
@@ -340,6 +508,7 @@ def ingest(
     use_ray: bool | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    address: str | None = None,
 ) -> IngestResult:
     """Ingest ECG exports into a canonical dataset at ``out``.
 
@@ -347,17 +516,20 @@ def ingest(
     Data (the caller connects to a cluster first, or an embedded one starts).
     """
     started = time.time()
+    out_fs, out_path = store.filesystem(out)
+    if out_fs.isfile(out_path):  # before reading anything: the one line a user needs
+        raise store.StoreError(f"--out {out} is an existing file, not a folder")
     entries, found_labels = discover_sources(sources, options)
     if not entries:
         raise FileNotFoundError(f"no ECG files found in {', '.join(sources)}")
-    user_labels = store.read_any_table(labels) if isinstance(labels, str) else labels
+    user_labels = read_labels(labels) if labels is not None else None
     label_table = prepare_labels(user_labels, found_labels)
     schema = shard_schema(label_fields(label_table))
     store.prepare_output(out, overwrite=overwrite)
     if use_ray is None:
         use_ray = len(entries) > IN_PROCESS_MAX_SOURCES
     if use_ray:
-        results = _ingest_with_ray(entries, out, schema, label_table, options)
+        results = _ingest_with_ray(entries, out, schema, label_table, options, address)
     else:
         results = []
         chunk = options.max_rows_per_shard
@@ -371,16 +543,23 @@ def ingest(
         for r in results
         if r["kind"] == "reject"
     ]
-    shards, duplicate_rejections = _dedupe_across_shards(out, shard_rows)
+    shards, duplicate_rejections, kept = _dedupe_across_shards(out, shard_rows)
     rejections += duplicate_rejections
+    flagged_by_reason = dict(Counter(flag.split(":")[0] for flag in kept.flags))
     manifest = store.finalize(
         out,
         schema,
         shards,
         rejections,
-        extra={"kind": "ingest", "sources": list(sources), "n_sources": len(entries)},
+        extra={
+            "kind": "ingest",
+            "sources": list(sources),
+            "n_sources": len(entries),
+            "n_flagged": len(kept.flags),
+            "flagged_by_reason": flagged_by_reason,
+        },
     )
-    return IngestResult(
+    result = IngestResult(
         out=out,
         n_sources=len(entries),
         n_stored=manifest["n_rows"],
@@ -388,17 +567,66 @@ def ingest(
         quarantine_by_reason=manifest["quarantine_by_reason"],
         seconds=time.time() - started,
         manifest=manifest,
+        n_flagged=len(kept.flags),
+        flagged_by_reason=flagged_by_reason,
     )
+    if user_labels is not None:
+        result.labels_key, result.labels_matched = _count_label_matches(user_labels, kept)
+    result.warnings = _warnings(result, labels, user_labels, kept)
+    for warning in result.warnings:
+        log.warning("%s", warning)
+    return result
+
+
+def _count_label_matches(user_labels: pd.DataFrame, kept: _Kept) -> tuple[str, int]:
+    """(join key, how many stored ECGs the user's labels table has a row for)."""
+    key = "ecg_id" if "ecg_id" in user_labels.columns else "patient_id"
+    wanted = {_id_text(v) for v in user_labels[key]} - {None}
+    stored = kept.ecg_ids if key == "ecg_id" else kept.patient_ids
+    return key, sum(1 for v in stored if v in wanted)
+
+
+def _warnings(
+    result: IngestResult, labels: str | pd.DataFrame | None, user_labels: pd.DataFrame | None, kept: _Kept
+) -> list[str]:
+    """What a user must not miss: nothing stored, labels that match nothing, flagged recordings."""
+    warnings = []
+    if result.n_stored == 0:
+        warnings.append(
+            f"no ECG was stored: all {result.n_sources} source(s) were quarantined "
+            f"(reasons in {result.out.rstrip('/')}/quarantine.parquet)"
+        )
+    elif result.labels_matched == 0 and user_labels is not None:
+        name = f"labels table {labels}" if isinstance(labels, str) else "labels table"
+        line = f"the {name} matched none of the {result.n_stored} stored ECGs by {result.labels_key}"
+        if result.labels_key == "ecg_id":  # ecg_ids may be shown; patient ids never are
+            theirs = next((t for v in user_labels["ecg_id"] if (t := _id_text(v)) is not None), None)
+            line += (
+                f" (the table has e.g. {theirs!r}, the ECGs e.g. {kept.ecg_ids[0]!r}: an ecg_id is the file's path "
+                "under the sources' common folder, without suffix)"
+            )
+        warnings.append(line + "; its columns are empty in the dataset")
+    if result.n_flagged:
+        warnings.append(
+            f"{result.n_flagged} stored ECG(s) look amplitude-normalised (column {QUALITY_FLAG}): voltage criteria "
+            "and LV-mass predictions are meaningless on them; --strict quarantines them"
+        )
+    return warnings
 
 
 def _ingest_with_ray(
-    entries: list[dict[str, Any]], out: str, schema: pa.Schema, labels: pd.DataFrame | None, options: IngestOptions
+    entries: list[dict[str, Any]],
+    out: str,
+    schema: pa.Schema,
+    labels: pd.DataFrame | None,
+    options: IngestOptions,
+    address: str | None = None,
 ) -> list[dict[str, Any]]:
     import ray
 
-    from lvm_ray.ray_utils import connect
+    from lvm_ray.ray_utils import ensure_connected
 
-    connect()
+    ensure_connected(address)
     cpus = max(1, int(ray.available_resources().get("CPU", 1)))
     # Enough tasks to keep every CPU busy, but never shards above the size bound.
     rows_per_shard = max(16, min(options.max_rows_per_shard, math.ceil(len(entries) / cpus)))
@@ -412,7 +640,7 @@ def _ingest_with_ray(
         results = ingest_batch(records, out, schema, ray.get(labels_ref), options)
         return pd.DataFrame({"result": [json.dumps(r, default=str) for r in results]})
 
-    frame = pd.DataFrame(entries, columns=["uri", "ecg_id"])
+    frame = pd.DataFrame(entries, columns=["uri", "ecg_id", "order"])
     dataset = ray.data.from_pandas(frame).repartition(n_blocks)
     outputs = dataset.map_batches(task, batch_size=rows_per_shard, batch_format="pandas").take_all()
     return [json.loads(row["result"]) for row in outputs]
@@ -427,5 +655,13 @@ def format_summary(result: IngestResult) -> str:
     ]
     for reason, count in sorted(Counter(result.quarantine_by_reason).items(), key=lambda kv: -kv[1]):
         lines.append(f"    {count:6d}  {reason}")
+    if result.n_flagged:
+        lines.append(f"  flagged      : {result.n_flagged} (stored, column {QUALITY_FLAG})")
+        for reason, count in sorted(result.flagged_by_reason.items(), key=lambda kv: -kv[1]):
+            lines.append(f"    {count:6d}  {reason}")
+    if result.labels_matched is not None:
+        matched = f"{result.labels_matched} of {result.n_stored} ECGs matched by {result.labels_key}"
+        lines.append(f"  labels       : {matched}")
     lines.append(f"  time         : {result.seconds:.1f} s")
+    lines += [f"warning: {warning}" for warning in result.warnings]
     return "\n".join(lines)

@@ -25,6 +25,10 @@ INT16_MIN, INT16_MAX = -32768, 32767
 
 WAVEFORM_TYPE = pa.fixed_shape_tensor(pa.int16(), list(WAVEFORM_SHAPE))
 
+#: Why ingest doubts a stored record's voltages (e.g. 'amplitude-normalised: ...'); null when fine.
+#: Scoring should warn on flagged records; ``ingest --strict`` quarantines them instead.
+QUALITY_FLAG = "quality_flag"
+
 #: Columns every shard has, in order. Covariates and labels are nullable.
 CORE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("ecg_id", pa.string(), nullable=False),
@@ -39,6 +43,7 @@ CORE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("weight_kg", pa.float64()),
     pa.field("bsa_m2", pa.float64()),
     pa.field("lv_mass_g", pa.float64()),
+    pa.field(QUALITY_FLAG, pa.string()),
 )
 WAVEFORM_FIELD = pa.field("ecg", WAVEFORM_TYPE, nullable=False)
 

@@ -127,11 +127,6 @@ def resample_to_canonical(samples: np.ndarray, sample_rate_hz: float) -> np.ndar
     return resample_poly(samples, ratio.numerator, ratio.denominator, axis=-1, padtype="line")
 
 
-def bsa_mosteller(height_cm: float | np.ndarray, weight_kg: float | np.ndarray) -> float | np.ndarray:
-    """Body surface area (m^2) by Mosteller: sqrt(height_cm * weight_kg / 3600)."""
-    return np.sqrt(np.asarray(height_cm, dtype=float) * np.asarray(weight_kg, dtype=float) / 3600.0)
-
-
 def check_quality(ecg_uv: np.ndarray, config: QualityConfig = QualityConfig()) -> str | None:
     """Return the reason a canonical-rate float waveform [12, 5000] is unusable, or None."""
     if ecg_uv.shape != (len(LEADS), N_SAMPLES):
@@ -160,6 +155,42 @@ def check_quality(ecg_uv: np.ndarray, config: QualityConfig = QualityConfig()) -
             f"implausible amplitude in lead(s) {', '.join(huge)} (peak-to-peak > {config.max_peak_to_peak_uv:g} uV)"
         )
     return "; ".join(reasons) or None
+
+
+#: Leads whose amplitudes agree within this fraction (plus NORMALISED_ABS_UV of quantisation) count
+#: as 'the same'. Real recordings are far from it: the smallest and largest lead of every PTB-XL
+#: 500 Hz record and of synthetic ones differ by about 50% or more.
+NORMALISED_REL_TOL = 0.01
+NORMALISED_ABS_UV = 2.0
+
+
+def amplitude_normalisation(ecg_uv: np.ndarray) -> str | None:
+    """Why a recording looks amplitude-normalised lead by lead, or None when it does not.
+
+    ``ecg_uv``: [leads, samples] microvolts, the leads as the source stored them (derived leads
+    of an 8-lead source would differ even when the stored ones were normalised). Flags every lead
+    spanning the same peak-to-peak (e.g. exactly 1 mV, or min-max scaled) or having the same
+    standard deviation (z-scored): voltage criteria and voltage-based models are meaningless then.
+    """
+    x = np.asarray(ecg_uv, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 4 or x.shape[1] < 2 or not np.isfinite(x).all():
+        return None
+    n = x.shape[0]
+
+    def same(values: np.ndarray, abs_tol: float) -> bool:
+        middle = float(np.median(values))
+        return middle > 0 and float(values.max() - values.min()) <= NORMALISED_REL_TOL * middle + abs_tol
+
+    peak_to_peak = np.ptp(x, axis=1)
+    # Quantisation moves each extreme by up to a unit; a standard deviation averages it away.
+    if same(peak_to_peak, NORMALISED_ABS_UV):
+        return f"amplitude-normalised: all {n} leads span the same peak-to-peak ({np.median(peak_to_peak):.4g} uV)"
+    sd = x.std(axis=1)
+    if same(sd, 0.0):
+        centred = bool((np.abs(x.mean(axis=1)) <= NORMALISED_REL_TOL * sd).all())
+        how = " and mean 0 (z-scored)" if centred else ""
+        return f"amplitude-normalised: all {n} leads have the same standard deviation ({np.median(sd):.4g} uV){how}"
+    return None
 
 
 def canonical_waveform(raw: RawECG, config: QualityConfig = QualityConfig()) -> tuple[np.ndarray | None, str | None]:

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import wfdb
 
-from lvm_ray.lvh import LVHConfig, lv_mass_index, lvh_from_lvmi
+from lvm_ray.formats import read_ecg
+from lvm_ray.lvh import LVHConfig, body_surface_area, lv_mass_index, lvh_from_lvmi
 from lvm_ray.schema import LEADS, N_SAMPLES
 from lvm_ray.signals import (
     ECGReadError,
     RawECG,
-    bsa_mosteller,
+    amplitude_normalisation,
     canonical_waveform,
     check_quality,
     complete_leads,
     normalise_lead_name,
     resample_to_canonical,
 )
+from lvm_ray.synth import generate_batch
 
 
 def _raw(fs: float = 500.0, seconds: float = 10.0, leads=LEADS, amplitude: float = 1000.0) -> RawECG:
@@ -104,7 +109,7 @@ def test_check_quality_accepts_clean_signal():
 
 
 def test_bsa_and_lvh():
-    assert bsa_mosteller(180, 80) == pytest.approx(2.0)
+    assert body_surface_area(180, 80) == pytest.approx(2.0)
     lvmi = lv_mass_index(np.array([150.0, 150.0, 100.0, np.nan]), np.array([2.0, 2.0, 2.0, 2.0]))
     np.testing.assert_allclose(lvmi[:3], [75, 75, 50])
     lvh = lvh_from_lvmi(np.append(lvmi, 72.0), np.array(["M", "F", "F", "M", "M"], dtype=object))
@@ -113,3 +118,63 @@ def test_bsa_and_lvh():
     assert not bool(strict[0])  # strict '>' at exactly the threshold
     with pytest.raises(ValueError, match="BSA formula"):
         LVHConfig(bsa_formula="dubois")
+
+
+# ----------------------------------------------------------------------------- amplitude normalisation
+
+PTBXL_FIXTURE = Path(__file__).parent / "fixtures" / "ptbxl"
+FORMAT_SAMPLES = Path(__file__).parent / "fixtures" / "formats"
+
+
+def _ptbxl_uv(record: Path) -> np.ndarray:
+    """A PTB-XL record's leads as stored, [12, n] microvolts."""
+    return wfdb.rdrecord(str(record)).p_signal.T * 1000.0
+
+
+def _stored(raw: RawECG) -> np.ndarray:
+    return np.stack([np.asarray(v, dtype=np.float64) for v in raw.signals_uv.values()])
+
+
+def test_real_and_synthetic_recordings_are_not_flagged_as_normalised():
+    records = sorted(PTBXL_FIXTURE.glob("records*/*/*.hea"))
+    assert len(records) >= 4
+    assert [amplitude_normalisation(_ptbxl_uv(r.with_suffix(""))) for r in records] == [None] * len(records)
+    for path in [p for p in sorted(FORMAT_SAMPLES.rglob("*")) if p.suffix in (".xml", ".dcm", ".scp")]:
+        try:
+            raw = read_ecg(str(path))
+        except ECGReadError:
+            continue  # the deliberately unreadable samples
+        if len({len(v) for v in raw.signals_uv.values()}) == 1:
+            assert amplitude_normalisation(_stored(raw)) is None, path.name
+    synthetic = generate_batch(64, seed=3).ecg
+    assert [amplitude_normalisation(e) for e in synthetic] == [None] * len(synthetic)
+
+
+def test_shared_ptbxl_records_are_never_flagged(shared_data):
+    records = sorted((shared_data / "ptbxl" / "records500").glob("*/*.hea"))
+    assert len(records) == 353
+    flagged = {r.stem: f for r in records if (f := amplitude_normalisation(_ptbxl_uv(r.with_suffix(""))))}
+    assert flagged == {}
+
+
+def test_a_record_scaled_to_1_mv_per_lead_is_flagged():
+    x = _ptbxl_uv(PTBXL_FIXTURE / "records500" / "00000" / "00001_hr")
+    # Each lead spans exactly 1 mV, then quantised to 1 uV as a WFDB copy stores it.
+    scaled = np.rint((x - x.min(axis=1, keepdims=True)) / np.ptp(x, axis=1, keepdims=True) * 1000.0 - 500.0)
+    assert amplitude_normalisation(scaled) == "amplitude-normalised: all 12 leads span the same peak-to-peak (1000 uV)"
+    # The same with only the 8 leads a MUSE export stores.
+    assert "same peak-to-peak" in amplitude_normalisation(scaled[[0, 1, 6, 7, 8, 9, 10, 11]])
+    assert amplitude_normalisation(x) is None
+
+
+def test_a_z_scored_record_is_flagged():
+    x = _ptbxl_uv(PTBXL_FIXTURE / "records500" / "00000" / "00002_hr")
+    # z-scored per lead and stored in mV: SD 1 mV = 1000 uV, mean 0.
+    z = (x - x.mean(axis=1, keepdims=True)) / x.std(axis=1, keepdims=True) * 1000.0
+    reason = amplitude_normalisation(z)
+    assert (
+        reason == "amplitude-normalised: all 12 leads have the same standard deviation (1000 uV) and mean 0 (z-scored)"
+    )
+    # Unit variance without centring is still normalised; a single common gain is not.
+    assert "same standard deviation (1000 uV)" in amplitude_normalisation(z + 300.0 * np.arange(12)[:, None])
+    assert amplitude_normalisation(x * 2.5) is None
