@@ -412,15 +412,27 @@ def _load(url: str, body: bytes, concurrency: int, n_requests: int) -> dict[str,
 
 
 def _plain_fastapi(predictor: Any, port: int) -> Any:
-    """The baseline: a bare FastAPI + uvicorn app calling the same predictor, no Ray, no batching."""
+    """The baseline: a bare FastAPI + uvicorn app calling the same predictor, no Ray, no batching.
+
+    Built from ``lvm_ray.api`` (no Ray import): the same request model, conversion and guards
+    (body limit, content type, error handling) as the Serve app, so only the serving differs.
+    """
     import threading
 
     import uvicorn
-    from fastapi import FastAPI
+    from fastapi import Depends
 
-    from lvm_ray.serve import PredictRequest, canonical_request, raw_from_request, response_from_row
+    from lvm_ray.api import (
+        JSON_MEDIA_TYPES,
+        PredictRequest,
+        canonical_request,
+        create_app,
+        raw_from_request,
+        require_media_type,
+        response_from_row,
+    )
 
-    app = FastAPI()
+    app = create_app()
 
     def predict(body: PredictRequest) -> dict[str, Any]:
         wave, metadata, warnings = canonical_request(raw_from_request(body))
@@ -429,7 +441,7 @@ def _plain_fastapi(predictor: Any, port: int) -> Any:
 
     # This module uses postponed annotations; FastAPI needs the real request model to read the body.
     predict.__annotations__ = {"body": PredictRequest, "return": dict}
-    app.post("/v1/predict")(predict)
+    app.post("/v1/predict", dependencies=[Depends(require_media_type(*JSON_MEDIA_TYPES))])(predict)
 
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -446,9 +458,10 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
     import wfdb
     from ray import serve
 
+    from lvm_ray.api import PredictRequest, canonical_request, raw_from_request
     from lvm_ray.predict import Predictor
     from lvm_ray.ray_utils import ensure_connected
-    from lvm_ray.serve import PredictRequest, build_app, canonical_request, raw_from_request
+    from lvm_ray.serve import build_app
 
     record = wfdb.rdrecord(args.record)
     payload = {

@@ -1,9 +1,16 @@
-"""Ray Serve endpoint over real HTTP: schema-valid answers, 4xx for bad input, same numbers as scoring."""
+"""Ray Serve endpoint over real HTTP: schema-valid answers, 4xx for bad input (and the service
+stays up after each), nothing the client sent in the logs, same numbers as scoring."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lvm_ray import store
+from lvm_ray.api import MAX_BODY_BYTES
 from lvm_ray.ingest import ingest
 from lvm_ray.schema import LEADS
 from lvm_ray.score import read_predictions, score
@@ -207,3 +215,199 @@ def test_still_serving_after_fuzzing(service, openapi):
     response = client.post("/v1/predict", json=_record_json(RECORDS[0]))
     assert response.status_code == 200
     _validate(openapi, response.json())
+
+
+# --------------------------------------------------------------------------------------------
+# bad uploads, chunked bodies, content types: 4xx, the service stays up, nothing logged
+
+MARKER = "zqx7lvmclientname"  # in every hostile file name below; must never reach a log
+
+
+def _multipart(parts: list[tuple[bytes, bytes]], boundary: bytes = b"lvmrayboundary") -> tuple[bytes, dict]:
+    """A multipart body built byte by byte (clients' libraries would clean odd names up)."""
+    body = b""
+    for filename, content in parts:
+        body += b"--" + boundary + b"\r\n"
+        body += b'Content-Disposition: form-data; name="files"; filename="' + filename + b'"\r\n'
+        body += b"Content-Type: application/octet-stream\r\n\r\n" + content + b"\r\n"
+    body += b"--" + boundary + b"--\r\n"
+    return body, {"content-type": f"multipart/form-data; boundary={boundary.decode()}"}
+
+
+def _assert_still_serving(client: httpx.Client) -> None:
+    response = client.post("/v1/predict", json=_record_json(RECORDS[0]))
+    assert response.status_code == 200, response.text
+
+
+def _ray_log_text() -> str:
+    import ray._private.worker
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return "\n".join(
+        p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and p.suffix in {".log", ".out", ".err"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("filename", "words"),
+    [
+        (b"..", "is a folder"),
+        (b".", "is a folder"),
+        (b"../../etc/" + MARKER.encode() + b"/", "is a folder"),
+        (MARKER.encode() + b"x" * 300 + b".xml", "bytes long (at most 255)"),
+        (MARKER.encode() + b"\x00.xml", "control character"),
+        (MARKER.encode() + b"\x01.xml", "control character"),
+        (b"C:\\exports\\" + MARKER.encode() + b".txt", "unsupported file type"),
+        (MARKER.encode() + b".xml", "unreadable file"),
+    ],
+)
+def test_hostile_upload_names_get_a_clear_4xx(service, filename, words):
+    client, _, _ = service
+    body, headers = _multipart([(filename, b"<not-an-ecg/>")])
+    response = client.post("/v1/predict/file", content=body, headers=headers)
+    assert 400 <= response.status_code < 500, response.text
+    assert words in response.json()["detail"]
+    _assert_still_serving(client)
+
+
+def test_two_uploads_with_one_name_and_too_many_files(service):
+    client, _, _ = service
+    body, headers = _multipart([(b"a.hea", b"x"), (b"a.hea", b"y")])
+    response = client.post("/v1/predict/file", content=body, headers=headers)
+    assert response.status_code == 422 and "same name" in response.text
+    body, headers = _multipart([(f"{i}.xml".encode(), b"x") for i in range(20)])
+    response = client.post("/v1/predict/file", content=body, headers=headers)
+    assert response.status_code == 422 and "at most 8 files" in response.text
+
+
+def test_no_client_file_name_is_ever_logged(service):
+    """Runs after the hostile uploads above (and sends its own): Ray's logs never quote the names."""
+    client, _, _ = service
+    for filename in (b"..", MARKER.encode() + b"y" * 300 + b".hea", MARKER.encode() + b"\x00.dat"):
+        body, headers = _multipart([(filename, b"garbage")])
+        assert client.post("/v1/predict/file", content=body, headers=headers).status_code < 500
+    _assert_still_serving(client)
+    time.sleep(2)  # log lines reach their files asynchronously
+    text = _ray_log_text()
+    # The replica's access log lines are there, so the check below reads the right files.
+    assert "/v1/predict/file" in text, "Ray's request logs were not found: the check below would prove nothing"
+    assert MARKER not in text
+
+
+def _chunks(total: int, size: int = 256 * 1024) -> Iterator[bytes]:
+    sent = 0
+    while sent < total:
+        yield b" " * min(size, total - sent)
+        sent += size
+
+
+def _post_chunked(port: int, path: str, content_type: str, chunks: Iterator[bytes]) -> tuple[int, bytes]:
+    """POST with Transfer-Encoding: chunked (no Content-Length) on a raw socket; (status, body).
+
+    A raw socket because the server answers 413 before the client has sent everything, which
+    HTTP libraries report as a broken pipe instead of reading the answer.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        sock.sendall((head + "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode())
+        try:
+            for chunk in chunks:
+                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server has answered and closed: read what it said
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_chunked_bodies_are_counted_against_the_limit(service):
+    client, _, _ = service
+    port = client.base_url.port
+    status, body = _post_chunked(port, "/v1/predict", "application/json", _chunks(MAX_BODY_BYTES + 1024 * 1024))
+    assert status == 413 and b"too large" in body, body
+    upload_head = b'--b\r\nContent-Disposition: form-data; name="files"; filename="big.xml"\r\n\r\n'
+    chunks = iter([upload_head, *_chunks(MAX_BODY_BYTES + 1024 * 1024)])
+    status, body = _post_chunked(port, "/v1/predict/file", "multipart/form-data; boundary=b", chunks)
+    assert status == 413 and b"too large" in body, body
+    # A chunked body within the limit is read as usual.
+    payload = json.dumps(_record_json(RECORDS[0])).encode()
+    status, body = _post_chunked(port, "/v1/predict", "application/json", iter([payload[:1000], payload[1000:]]))
+    assert status == 200, body
+    assert json.loads(body)["ecg_id"] == RECORDS[0].name
+    _assert_still_serving(client)
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "expected"),
+    [
+        ("/v1/predict", "text/plain", "application/json"),
+        ("/v1/predict", "application/x-www-form-urlencoded", "application/json"),
+        ("/v1/predict", None, "application/json"),
+        ("/v1/predict/file", "application/json", "multipart/form-data"),
+        ("/v1/predict/file", "application/xml", "multipart/form-data"),
+    ],
+)
+def test_wrong_content_type_gets_415_naming_the_expected_one(service, path, content_type, expected):
+    client, _, _ = service
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post(path, content=json.dumps(_record_json(RECORDS[0])), headers=headers)
+    assert response.status_code == 415, response.text
+    assert expected in response.json()["detail"]
+    _assert_still_serving(client)
+
+
+def test_json_with_a_charset_is_accepted(service):
+    client, _, _ = service
+    body = json.dumps(_record_json(RECORDS[0]))
+    response = client.post("/v1/predict", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert response.status_code == 200, response.text
+
+
+# --------------------------------------------------------------------------------------------
+# `lvm-ray serve`: one line with the URL, printed once the app answers
+
+
+@pytest.mark.slow
+def test_cli_prints_its_url_only_when_ready_and_stops_on_ctrl_c(tmp_path):
+    """A separate `lvm-ray serve` process (its own embedded Ray): the URL line comes when /readyz
+    already answers, the console holds none of Ray's chatter, and Ctrl-C stops it cleanly."""
+    checkpoint = tiny_checkpoint(str(tmp_path / "model.pt"))
+    port = _free_port()
+    env = {**os.environ, "RAY_ADDRESS": "", "LVM_RAY_ADDRESS": ""}  # never join the test session's cluster
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lvm_ray.cli", "serve", "--checkpoint", checkpoint, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            if f"http://127.0.0.1:{port}" in line:
+                # Printed only once the app answers: /readyz works at once, no retry.
+                response = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+                assert response.status_code == 200 and response.json()["status"] == "ready"
+                break
+        else:
+            pytest.fail(f"no URL line within 240 s: {lines}")
+        assert any(f"http://127.0.0.1:{port}" in line for line in lines), lines
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+        lines += rest.splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, lines
+    chatter = [line for line in lines if "pid=" in line or "(raylet)" in line or "INFO" in line or "Traceback" in line]
+    assert not chatter, lines
+    assert len(lines) <= 4, lines
