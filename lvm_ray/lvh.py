@@ -32,7 +32,7 @@ class LVHConfig:
 
 
 def body_surface_area(height_cm: Any, weight_kg: Any) -> np.ndarray:
-    """Body surface area (m^2) by Mosteller: sqrt(height_cm * weight_kg / 3600); NaN unless both are positive."""
+    """Body surface area (m^2) by Mosteller, sqrt(height_cm * weight_kg) / 60; NaN unless both are positive."""
     height = np.asarray(height_cm, dtype=float)
     weight = np.asarray(weight_kg, dtype=float)
     with np.errstate(invalid="ignore"):
