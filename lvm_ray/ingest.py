@@ -80,7 +80,7 @@ class IngestResult:
     #: With a user labels table: its join key and how many stored ECGs it has a row for.
     labels_key: str | None = None
     labels_matched: int | None = None
-    #: One line each, also logged: nothing stored, labels matching nothing, flagged ECGs.
+    #: One line each (printed by format_summary): nothing stored, labels matching nothing, flagged ECGs.
     warnings: list[str] = field(default_factory=list)
 
 
@@ -516,16 +516,15 @@ def ingest(
     Data (the caller connects to a cluster first, or an embedded one starts).
     """
     started = time.time()
-    out_fs, out_path = store.filesystem(out)
-    if out_fs.isfile(out_path):  # before reading anything: the one line a user needs
-        raise store.StoreError(f"--out {out} is an existing file, not a folder")
+    # Before reading anything: an --out that is a file, an input, or someone else's folder is refused.
+    store.check_output(out, "dataset", inputs=list(sources))
     entries, found_labels = discover_sources(sources, options)
     if not entries:
         raise FileNotFoundError(f"no ECG files found in {', '.join(sources)}")
     user_labels = read_labels(labels) if labels is not None else None
     label_table = prepare_labels(user_labels, found_labels)
     schema = shard_schema(label_fields(label_table))
-    store.prepare_output(out, overwrite=overwrite)
+    store.prepare_output(out, overwrite=overwrite, inputs=list(sources))
     if use_ray is None:
         use_ray = len(entries) > IN_PROCESS_MAX_SOURCES
     if use_ray:
@@ -573,8 +572,8 @@ def ingest(
     if user_labels is not None:
         result.labels_key, result.labels_matched = _count_label_matches(user_labels, kept)
     result.warnings = _warnings(result, labels, user_labels, kept)
-    for warning in result.warnings:
-        log.warning("%s", warning)
+    for warning in result.warnings:  # the user sees them in format_summary; logged once, quietly
+        log.debug("warning: %s", warning)
     return result
 
 

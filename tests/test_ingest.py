@@ -306,6 +306,10 @@ def test_cli_ingest_strict_and_errors(tmp_path):
     result = runner.invoke(app, ["ingest", good, "--out", str(a_file)])
     assert result.exit_code == 2 and result.output.strip() == f"error: --out {a_file} is an existing file, not a folder"
     assert a_file.read_text() == "keep me"
+    export = _two_sites(tmp_path / "export")
+    result = runner.invoke(app, ["ingest", str(export), "--out", str(export / "ds")])
+    assert result.exit_code == 2 and f"is (or is inside) the input {export}" in result.output
+    assert not (export / "ds").exists()
     garbage = tmp_path / "labels.csv"
     garbage.write_text('not a table\n"ecg_id,1,2\nx,y,z,w,v\n')
     result = runner.invoke(app, ["ingest", good, "--out", str(tmp_path / "y"), "--labels", str(garbage)])
