@@ -74,6 +74,11 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _ci_text(ci: Any) -> str:
+    """'(0.612-0.701)', or '(no CI)' where the interval is undefined (null)."""
+    return f"({ci[0]:.3f}-{ci[1]:.3f})" if ci and None not in ci else "(no CI)"
+
+
 def _one_line(exc: BaseException) -> str:
     """An exception as one line (KeyError's repr quotes dropped; only the first line kept)."""
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
@@ -369,7 +374,7 @@ def evaluate(
         if c.get("auc") is not None:
             p = metrics["delong_p"].get(name)
             typer.echo(
-                f"  c {name:<14s}{c['auc']:.3f} ({c['ci'][0]:.3f}-{c['ci'][1]:.3f})" + (f"  P={p:.3g}" if p else "")
+                f"  c {name:<14s}{c['auc']:.3f} {_ci_text(c.get('ci'))}" + (f"  P={p:.3g}" if p else "")
             )
     typer.echo(f"  table: {join_url(out, 'table.md')}")
 
@@ -461,12 +466,6 @@ def demo(
     run_demo(workdir=workdir, n=n, seed=seed, n_outpatient=n_outpatient, max_epochs=max_epochs)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
 
 
 @app.command("import-keras")
@@ -540,3 +539,11 @@ def import_keras_command(
     except KerasImportError as exc:
         _fail(str(exc))
     typer.echo(result.summary())
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

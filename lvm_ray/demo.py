@@ -98,7 +98,9 @@ def run_demo(
     )
     for name, c in metrics["c_statistics"].items():
         if c.get("auc") is not None:
-            typer.echo(f"   c-statistic {name:<14s}{c['auc']:.3f} ({c['ci'][0]:.3f}-{c['ci'][1]:.3f})")
+            ci = c.get("ci")
+            shown = f"({ci[0]:.3f}-{ci[1]:.3f})" if ci and None not in ci else "(no CI)"
+            typer.echo(f"   c-statistic {name:<14s}{c['auc']:.3f} {shown}")
     outputs["evaluation"] = eval_dir
 
     _step("6. outcomes: Cox models adjusted for age and sex")

@@ -65,6 +65,8 @@ class Predictor:
             "metrics": payload.get("metrics", {}),
             "split": {k: v for k, v in payload.get("split", {}).items() if not isinstance(v, (list, dict))},
             "package_version": payload.get("package_version"),
+            # Where the weights came from (training run, or an imported Keras file and its sha256).
+            "provenance": payload.get("provenance", {}),
         }
         return cls(loaded.model, loaded.preset, model_version(payload), device, training_summary=summary)
 
