@@ -140,7 +140,10 @@ def ingest(
     labels: Annotated[
         str | None, typer.Option(help="CSV/parquet of covariates and labels, keyed by ecg_id (or patient_id).")
     ] = None,
-    strict: Annotated[bool, typer.Option(help="Exit non-zero if any record was quarantined.")] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(help="Quarantine amplitude-normalised records and exit non-zero if any record was quarantined."),
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already at --out.")] = False,
     sample_rate: Annotated[
         float | None, typer.Option(help="Sample rate (Hz) of .npy sources, which carry none.")
@@ -169,6 +172,7 @@ def ingest(
         numpy_sample_rate_hz=sample_rate,
         ptbxl_rate=ptbxl_rate,
         ptbxl_records=ptbxl_records,
+        reject_flagged=strict,
     )
     from lvm_ray.ray_utils import ClusterError
 
@@ -187,6 +191,8 @@ def ingest(
         _fail(str(exc))
     typer.echo(format_summary(result))
     typer.echo(f"  quarantine table: {out.rstrip('/')}/quarantine.parquet")
+    if result.n_stored == 0:
+        _fail(f"no ECG was stored; the reasons are in {out.rstrip('/')}/quarantine.parquet", code=1)
     if strict and result.n_quarantined:
         _fail(f"{result.n_quarantined} record(s) quarantined (--strict)", code=1)
 

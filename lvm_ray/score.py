@@ -53,6 +53,8 @@ class ScoreResult:
     n_total: int
     seconds: float
     model_version: str
+    #: ECGs that ingest flagged (quality_flag, e.g. amplitude-normalised): scored, but meaningless.
+    n_flagged: int = 0
 
 
 def _parts_url(out: str) -> str:
@@ -239,6 +241,7 @@ def score(
         n_total=n_total,
         seconds=time.time() - started,
         model_version=version,
+        n_flagged=int(manifest.get("n_flagged", 0) or 0),
     )
     store.write_json(summary_url, {**result.__dict__, "status": "finished", "data": data, "checkpoint": checkpoint})
     if len(scored_ids) != n_total:
@@ -253,6 +256,11 @@ def format_summary(result: ScoreResult) -> str:
         f"  model        : {result.model_version}\n"
         f"  ECGs         : {result.n_total} ({result.n_scored} scored now, {result.n_skipped} already there)\n"
         f"  time         : {result.seconds:.1f} s ({rate:.1f} ECGs/s)"
+    ) + (
+        f"\nwarning: {result.n_flagged} ECG(s) look amplitude-normalised (quality_flag column): "
+        "voltage rules and LV mass predictions are meaningless on them"
+        if result.n_flagged
+        else ""
     )
 
 

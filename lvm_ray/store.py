@@ -219,7 +219,9 @@ _REASON_CATEGORIES = (
     ("flat lead", "flat lead"),
     ("saturation", "saturation"),
     ("implausible", "implausible amplitude"),
+    ("duplicate recording", "duplicate recording"),
     ("duplicate", "duplicate ecg_id"),
+    ("amplitude-normalised", "amplitude-normalised"),
     ("sample rate", "invalid sample rate"),
 )
 
@@ -372,7 +374,13 @@ def read_any_table(source: str | pd.DataFrame, columns: Sequence[str] | None = N
     for file in files:
         if file.endswith((".csv", ".csv.gz", ".tsv")):
             with fs.open(file, "rb") as f:
-                frame = pd.read_csv(f, sep="\t" if file.endswith(".tsv") else ",", compression="infer")
+                # Ids stay text: a recording named 00042.xml must join on '00042', not 42.
+                frame = pd.read_csv(
+                    f,
+                    sep="\t" if file.endswith(".tsv") else ",",
+                    compression="infer",
+                    dtype={"ecg_id": str, "patient_id": str},
+                )
             tables.append(pa.Table.from_pandas(frame, preserve_index=False))
             continue
         with fs.open(file, "rb") as f:

@@ -162,3 +162,36 @@ def test_missing_inputs_of_evaluate_and_outcomes_get_one_line(cohort, tmp_path):
             ["outcomes", "--predictions", missing, "--followup", str(tmp_path / "f.csv"), "--out", str(tmp_path / "o")],
         ),
     )
+
+
+def test_score_warns_about_amplitude_normalised_ecgs(tmp_path, ray_cluster):
+    """A recording scaled to 1 mV per lead is ingested flagged, scored, and the summary warns about it."""
+    import numpy as np
+
+    from lvm_ray.synth import generate_batch
+
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    ecg = generate_batch(3, seed=9).ecg.astype(float)
+    for i, wave in enumerate(ecg):
+        if i == 0:  # every lead rescaled to exactly 1 mV peak to peak
+            wave = (wave - wave.min(axis=1, keepdims=True)) / np.ptp(wave, axis=1, keepdims=True) * 1000.0
+        np.save(exports / f"ecg{i}.npy", wave)
+    data = str(tmp_path / "data")
+    ingested = runner.invoke(app, ["ingest", str(exports), "--out", data, "--sample-rate", "500"])
+    assert ingested.exit_code == 0, ingested.output
+    assert "flagged" in ingested.output
+    checkpoint = tiny_checkpoint(str(tmp_path / "model.pt"))
+    out = tmp_path / "preds"
+    scored = runner.invoke(app, ["score", "--data", data, "--checkpoint", checkpoint, "--out", str(out)])
+    assert scored.exit_code == 0, scored.output
+    assert "warning: 1 ECG(s) look amplitude-normalised" in scored.output
+    from lvm_ray.score import read_predictions
+
+    preds = read_predictions(str(out), columns=["ecg_id", "quality_flag"]).set_index("ecg_id")
+    assert preds.loc["ecg0", "quality_flag"].startswith("amplitude-normalised")
+    assert preds.loc[["ecg1", "ecg2"], "quality_flag"].isna().all()
+    strict = runner.invoke(
+        app, ["ingest", str(exports), "--out", str(tmp_path / "strict"), "--sample-rate", "500", "--strict"]
+    )
+    assert strict.exit_code == 1 and "quarantined (--strict)" in strict.output
