@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from lvm_ray import store
 from lvm_ray.formats import SUPPORTED_SUFFIXES, detect_format, is_ecg_file, read_ecg
-from lvm_ray.lvh import body_surface_area
+from lvm_ray.lvh import derive
 from lvm_ray.schema import CART_FIELDS, CORE_FIELDS, QUALITY_FLAG, shard_schema
 from lvm_ray.signals import (
     ECGReadError,
@@ -426,7 +426,8 @@ def ingest_batch(
     results: list[dict[str, Any]] = [{"kind": "reject", **r.__dict__} for r in rejections]
     if rows:
         meta = _apply_labels(pd.DataFrame(rows), labels)
-        meta["bsa_m2"] = body_surface_area(meta["height_cm"], meta["weight_kg"])
+        # A BSA given in the labels wins; else Mosteller from height and weight (lvm_ray.lvh).
+        meta["bsa_m2"] = derive(meta)["bsa_m2"].to_numpy()
         shard = store.write_shard(out, store.build_shard_table(meta, np.stack(waves), schema), prefix="ingest")
         results.append(
             {
