@@ -122,12 +122,17 @@ def synth(
     n: Annotated[int, typer.Option(min=1, help="Number of participants (one ECG each).")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same cohort.")] = 0,
     chunk_size: Annotated[int, typer.Option(min=16, help="ECGs per shard (memory is bounded by this).")] = 1000,
+    overwrite: Annotated[bool, typer.Option(help="Replace a dataset already at --out (only its own files).")] = False,
 ) -> None:
     """Generate a synthetic UK-Biobank-like cohort whose truth is known (heart-vector ECG model)."""
+    from lvm_ray.store import StoreError
     from lvm_ray.summary import dataset_summary, format_dataset_summary
     from lvm_ray.synth import write_cohort
 
-    info = write_cohort(n, seed, out, chunk_size=chunk_size, progress=_progress("synth"))
+    try:
+        info = write_cohort(n, seed, out, chunk_size=chunk_size, progress=_progress("synth"), overwrite=overwrite)
+    except StoreError as exc:
+        _fail(str(exc))
     typer.echo(format_dataset_summary(dataset_summary(out)))
     typer.echo(f"  generated in {info.get('seconds', float('nan')):.1f} s; truth: {out.rstrip('/')}/truth.json")
 
@@ -379,9 +384,7 @@ def evaluate(
     for name, c in metrics["c_statistics"].items():
         if c.get("auc") is not None:
             p = metrics["delong_p"].get(name)
-            typer.echo(
-                f"  c {name:<14s}{c['auc']:.3f} {_ci_text(c.get('ci'))}" + (f"  P={p:.3g}" if p else "")
-            )
+            typer.echo(f"  c {name:<14s}{c['auc']:.3f} {_ci_text(c.get('ci'))}" + (f"  P={p:.3g}" if p else ""))
     typer.echo(f"  table: {join_url(out, 'table.md')}")
 
 
@@ -470,8 +473,6 @@ def demo(
 
     _setup_logging(False)
     run_demo(workdir=workdir, n=n, seed=seed, n_outpatient=n_outpatient, max_epochs=max_epochs)
-
-
 
 
 @app.command("import-keras")

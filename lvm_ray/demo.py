@@ -51,7 +51,7 @@ def run_demo(
 
     t0 = _step(f"1. synthetic CMR cohort: {n} participants, seed {seed}")
     cohort = str(workdir / "cmr_cohort")
-    write_cohort(n, seed, cohort)
+    write_cohort(n, seed, cohort, overwrite=True)  # the demo owns its workdir
     typer.echo(format_dataset_summary(dataset_summary(cohort)))
     typer.echo(f"   ({time.time() - t0:.1f} s)")
     outputs["cmr_cohort"] = cohort
@@ -81,7 +81,7 @@ def run_demo(
     n_out = n_outpatient or n
     t0 = _step(f"4. outpatient cohort ({n_out}, seed {seed + 1}): score with a Ray Data actor pool")
     outpatients = str(workdir / "outpatient_cohort")
-    write_cohort(n_out, seed + 1, outpatients)
+    write_cohort(n_out, seed + 1, outpatients, overwrite=True)
     predictions = str(workdir / "predictions")
     typer.echo(format_score(score(outpatients, result.model_path, predictions, overwrite=True)))
     outputs["outpatient_cohort"] = outpatients

@@ -239,7 +239,7 @@ class DatasetWriter:
     """Write a dataset from one process: ``write`` each chunk (one shard), then ``close``."""
 
     def __init__(
-        self, root: str, extra_fields: Sequence[pa.Field] = (), overwrite: bool = True, prefix: str = "part"
+        self, root: str, extra_fields: Sequence[pa.Field] = (), overwrite: bool = False, prefix: str = "part"
     ) -> None:
         prepare_output(root, overwrite=overwrite)
         self.root = root

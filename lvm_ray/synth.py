@@ -953,8 +953,12 @@ def write_cohort(
     config: SynthConfig = SynthConfig(),
     chunk_size: int = 1000,
     progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Generate a cohort chunk by chunk and write it as a dataset at ``out`` (any fsspec URL).
+
+    An existing dataset at ``out`` is refused unless ``overwrite`` (then only its own files are
+    replaced); a folder of anything else is always refused.
 
     Writes the ECG shards (one per chunk) and manifest through :class:`lvm_ray.store.DatasetWriter`,
     ``out/followup.parquet`` and ``out/truth.json``. Memory stays bounded by ``chunk_size``.
@@ -964,7 +968,7 @@ def write_cohort(
     from lvm_ray.store import DatasetWriter, join_url, write_json, write_table
 
     started = time.perf_counter()
-    writer = DatasetWriter(out, extra_fields=extra_fields())
+    writer = DatasetWriter(out, extra_fields=extra_fields(), overwrite=overwrite)
     followups: list[pd.DataFrame] = []
     stats: list[pd.DataFrame] = []
     rejected = 0

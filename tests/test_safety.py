@@ -195,3 +195,20 @@ def test_score_warns_about_amplitude_normalised_ecgs(tmp_path, ray_cluster):
         app, ["ingest", str(exports), "--out", str(tmp_path / "strict"), "--sample-rate", "500", "--strict"]
     )
     assert strict.exit_code == 1 and "quarantined (--strict)" in strict.output
+
+
+def test_synth_never_replaces_a_dataset_silently(tmp_path, user_folder):
+    out = str(tmp_path / "cohort")
+    assert runner.invoke(app, ["synth", "--n", "20", "--seed", "1", "--out", out, "--chunk-size", "20"]).exit_code == 0
+    first = store.read_manifest(out)["shards"]
+    _one_line_error(runner.invoke(app, ["synth", "--n", "20", "--seed", "2", "--out", out]), "already holds a dataset")
+    assert store.read_manifest(out)["shards"] == first
+    replaced = runner.invoke(
+        app, ["synth", "--n", "20", "--seed", "2", "--out", out, "--chunk-size", "20", "--overwrite"]
+    )
+    assert replaced.exit_code == 0 and store.read_manifest(out)["shards"] != first
+    before = _tree(user_folder)
+    _one_line_error(
+        runner.invoke(app, ["synth", "--n", "20", "--out", str(user_folder), "--overwrite"]), "not lvm-ray's"
+    )
+    assert _tree(user_folder) == before
