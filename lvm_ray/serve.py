@@ -124,10 +124,10 @@ def build_app(args: dict[str, Any], loader: ModelLoader | None = None) -> serve.
     ``max_batch_size``, ``batch_wait_timeout_s``. Tests may inject a ``loader``."""
     options = dict(args)
     checkpoint = options.pop("checkpoint", None)
+    use_gpu = str(options.pop("use_gpu", "false")).lower() in ("1", "true", "yes")
     if loader is None:
         if not checkpoint:
             raise ValueError("build_app needs args['checkpoint'] (a run folder or checkpoint URL)")
-        use_gpu = str(options.pop("use_gpu", "false")).lower() in ("1", "true", "yes")
         loader = partial(Predictor.from_checkpoint, checkpoint, use_gpu)
     max_batch_size = int(options.pop("max_batch_size", 16))
     timeout = float(options.pop("batch_wait_timeout_s", 0.01))
@@ -136,6 +136,8 @@ def build_app(args: dict[str, Any], loader: ModelLoader | None = None) -> serve.
     deployment = LVMassPredictor
     if max_batch_size > 32:  # keep max_batch_size <= max_ongoing_requests
         deployment = deployment.options(max_ongoing_requests=max_batch_size)
+    if use_gpu:  # reserve the GPU, so that each replica lands on a GPU node (or the autoscaler adds one)
+        deployment = deployment.options(ray_actor_options={"num_cpus": 1, "num_gpus": 1})
     return deployment.bind(loader, max_batch_size, timeout)
 
 

@@ -366,6 +366,20 @@ def test_json_with_a_charset_is_accepted(service):
     assert response.status_code == 200, response.text
 
 
+def test_gpu_serving_reserves_a_gpu_for_each_replica():
+    """With use_gpu a replica asks Ray for a GPU, so it lands on a GPU node (or the autoscaler adds
+    one) instead of failing on a CPU node; without it, it holds none."""
+    from lvm_ray.serve import build_app
+
+    def no_model():
+        raise AssertionError("binding must not load the model")
+
+    gpu = build_app({"checkpoint": "unused", "use_gpu": "true"}, loader=no_model)
+    cpu = build_app({"checkpoint": "unused"}, loader=no_model)
+    assert gpu._bound_deployment.ray_actor_options.get("num_gpus") == 1
+    assert not cpu._bound_deployment.ray_actor_options.get("num_gpus")
+
+
 # --------------------------------------------------------------------------------------------
 # `lvm-ray serve`: one line with the URL, printed once the app answers
 
