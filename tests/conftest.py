@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,27 @@ def ray_cluster():
     ensure_connected(None, num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A model trained by the real `train` stage on a synthetic CMR cohort, and a held-out cohort."""
+
+    data: str  # the training cohort (train / val / test splits by patient)
+    run: str  # RUN folder: model.pt, run.json, split.parquet, ...
+    heldout: str  # an independent cohort (another seed), never seen in training
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_cluster, tmp_path_factory) -> TrainedRun:
+    """One lvm-cpu model for the whole session (about a minute here): tests that need a model
+    that has learnt something (calibration, explanations) share it instead of training their own."""
+    from lvm_ray.synth import write_cohort
+    from lvm_ray.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    data, heldout, run = str(root / "cmr"), str(root / "heldout"), str(root / "run")
+    write_cohort(1600, 21, data, chunk_size=400)
+    write_cohort(2000, 22, heldout, chunk_size=500)
+    train(data, run, preset="lvm-cpu", num_workers=2, max_epochs=6, evaluate_test=False)
+    return TrainedRun(data=data, run=run, heldout=heldout)
