@@ -5,7 +5,7 @@ the CMR labels (lv_mass_g, bsa_m2, sex; the scoring stage passes them through fr
 and writes to DIR:
 
 - ``metrics.json``: {"n", "pearson_r", "pearson_r_ci", "mae_g", "c_statistics", "delong_p"} as
-  fixed by DESIGN.md, plus extras (bland_altman, binary_calls, n_lvh, prevalence, exclusions...).
+  fixed by docs/method.md, plus extras (bland_altman, binary_calls, n_lvh, prevalence, exclusions...).
 - ``table.md`` / ``table.json``: the paper-shaped table (c-statistic with 95% CI, DeLong P against
   LVM-AI, sensitivity, specificity, PPV, NPV).
 - ``pairs.parquet`` (predicted vs CMR, per ECG) and ``roc.parquet`` (ROC curve of predicted
@@ -14,7 +14,7 @@ and writes to DIR:
 CMR LVH is LVMI = lv_mass_g / bsa_m2 over the sex thresholds of :class:`LVHConfig` (all derived
 by :func:`lvm_ray.lvh.derive`; BSA by Mosteller from height_cm/weight_kg where bsa_m2 is missing
 and the table has them). LVM-AI LVH is recomputed from the predicted LVMI with the *same*
-configuration (DESIGN.md: "predicted LV mass / BSA over the same thresholds"), so a non-default
+configuration (docs/method.md: "predicted LV mass / BSA over the same thresholds"), so a non-default
 threshold applies to both sides alike; the number of rows where the table's own ``lvh_pred``
 disagrees is reported.
 """

@@ -1,6 +1,6 @@
 """Body size and LV hypertrophy: BSA (Mosteller), BMI, LV mass index and the sex-specific LVH call.
 
-The one home of these derivations (DESIGN.md, "LVH"): the data generator, the training labels,
+The one home of these derivations (docs/method.md, "LVH"): the data generator, the training labels,
 the prediction path, evaluation, outcomes and the dataset summary all call this module, so they
 agree to the last bit. :func:`derive` is the table-level entry point. No Ray, no I/O.
 """

@@ -1,6 +1,6 @@
 """The LVM-AI network, its losses and its checkpoints. Pure torch: no Ray.
 
-:class:`LVMNet` is the dense-block 1-D CNN of Khurshid et al. 2021 (see DESIGN.md "The model"),
+:class:`LVMNet` is the dense-block 1-D CNN of Khurshid et al. 2021 (see docs/method.md "The model"),
 parameterised by :class:`lvm_ray.presets.ArchSpec` so that the lighter CPU preset is the same
 code. :func:`build_model` makes one from a preset; :func:`save_checkpoint` and
 :func:`load_checkpoint` write and read checkpoints that carry their preset, so scoring and

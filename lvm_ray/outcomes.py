@@ -4,7 +4,7 @@ Follow-up table (as ``lvm_ray.synth`` writes it; any fsspec URL, parquet or CSV)
 patient_id, and for each OUTCOME: <o>_prevalent (event at or before the ECG), <o>_event and
 <o>_time_years (ECG date to event or censoring). Joined to the predictions on ecg_id.
 
-Per outcome (DESIGN.md, "Statistics"): individuals with a prevalent event are excluded (flagged
+Per outcome (docs/method.md, "Statistics"): individuals with a prevalent event are excluded (flagged
 <o>_prevalent, or an event at time 0: at or before the ECG, as the paper counts it; a negative
 time on an unflagged row is an input error, :class:`FollowupError`); Cox proportional hazards
 (lifelines, Efron ties, fitted to a tight tolerance: :data:`COX_FIT_OPTIONS`) adjusted for age
@@ -25,7 +25,7 @@ older cohorts; Aalen-Johansen does not (:func:`lvm_ray.stats.cumulative_incidenc
 tie jittering). ``competing_risks=False`` gives 1 - KM throughout.
 
 Writes DIR/outcomes.json ({OUTCOME: {"n", "events", "hr", "ci", "p", "hr_per_sd", "ci_per_sd",
-...extras}} exactly as fixed by DESIGN.md; run-level information goes to DIR/outcomes_meta.json so
+...extras}} exactly as fixed by docs/method.md; run-level information goes to DIR/outcomes_meta.json so
 that outcomes.json holds outcomes only), DIR/cumulative_incidence.parquet and DIR/outcomes.md.
 """
 

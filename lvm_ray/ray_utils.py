@@ -86,7 +86,7 @@ def ensure_connected(
 
     Does nothing when Ray is already initialised in this process. An embedded Ray advertises at
     least 4 logical CPUs: on a 2-core laptop Ray Data read tasks and Train workers otherwise wait
-    on each other forever (DESIGN pitfall). Ray's own INFO chatter and worker output stay in its
+    on each other forever (docs/method.md, "Ray on small machines"). Ray's own INFO chatter and worker output stay in its
     log files (/tmp/ray/session_latest/logs) unless ``verbose``.
     """
     if ray.is_initialized():
@@ -103,6 +103,8 @@ def ensure_connected(
     if not verbose:
         for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # "Token authentication is enabled" is a notice, not a problem: keep it in the logs.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if address:
         target = _host_port(address)
         if target is not None:

@@ -1,4 +1,4 @@
-"""The statistics the LVM-AI paper reports (DESIGN.md, "Statistics"). Pure numpy/scipy.
+"""The statistics the LVM-AI paper reports (docs/method.md, "Statistics"). Pure numpy/scipy.
 
 - Pearson r with a Fisher-z 95% CI, MAE, Bland-Altman agreement.
 - ROC AUC (c-statistic) with its DeLong variance, computed by the fast midrank algorithm of

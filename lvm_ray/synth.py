@@ -1,7 +1,7 @@
 """Synthetic UK-Biobank-like cohorts with known truth: a vectorcardiographic ECG model.
 
 Why a physiological model: the synthetic cohort is both the demo data and the test oracle of
-the whole study (DESIGN.md, "Synthetic cohorts"). A label glued onto noise would let a CNN
+the whole study (docs/method.md, "Synthetic cohorts"). A label glued onto noise would let a CNN
 reach r = 0.99 and make the voltage rules either useless or perfect; real cohorts do neither.
 Here every ECG is the surface projection of a beating heart vector, so the 12 leads are
 mutually consistent, the voltage rules behave about as poorly as they do in UK Biobank, and the

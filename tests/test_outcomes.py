@@ -11,7 +11,7 @@ import pytest
 
 from lvm_ray.outcomes import FollowupError, outcomes
 
-DESIGN_OUTCOME_KEYS = {"n", "events", "hr", "ci", "p", "hr_per_sd", "ci_per_sd"}
+FIXED_OUTCOME_KEYS = {"n", "events", "hr", "ci", "p", "hr_per_sd", "ci_per_sd"}
 #: True log-HRs of the simulated cohort below: per SD of LV mass, per year of age, male.
 LOG_HR_PER_SD = {"af": 0.30, "hf": 0.50, "mi": 0.0}
 LOG_HR_AGE, LOG_HR_MALE = 0.06, 0.40
@@ -121,7 +121,7 @@ def test_outcomes_json_shape_and_exclusions(true_mass_results, cohort) -> None:
     assert on_disk == results
     assert list(on_disk) == ["af", "mi", "hf", "va", "death", "rare"]
     for name, r in on_disk.items():
-        assert DESIGN_OUTCOME_KEYS <= set(r), name
+        assert FIXED_OUTCOME_KEYS <= set(r), name
         assert len(r["ci"]) == 2 and len(r["ci_per_sd"]) == 2
         assert r["n"] == int((~followup[f"{name}_prevalent"]).sum()), name
         assert r["events"] == int(followup[f"{name}_event"].sum()), name

@@ -1,7 +1,7 @@
 """The synthetic cohort generator: consistency, determinism and calibration to real cohorts.
 
 One cohort of 1500 people is generated per module (a few seconds); the calibration targets are
-the ones DESIGN.md ("Synthetic cohorts") sets: voltage rules as poor as in UK Biobank, an LV
+the ones docs/method.md ("Synthetic cohorts") sets: voltage rules as poor as in UK Biobank, an LV
 mass signal that a model can find but not perfectly, and follow-up whose log-hazard ratios a
 Cox model recovers.
 """
