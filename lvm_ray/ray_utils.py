@@ -86,8 +86,8 @@ def ensure_connected(
 
     Does nothing when Ray is already initialised in this process. An embedded Ray advertises at
     least 4 logical CPUs: on a 2-core laptop Ray Data read tasks and Train workers otherwise wait
-    on each other forever (docs/method.md, "Ray on small machines"). Ray's own INFO chatter and worker output stay in its
-    log files (/tmp/ray/session_latest/logs) unless ``verbose``.
+    on each other forever (docs/method.md, "Ray on small machines"). Ray's own INFO chatter and
+    worker output stay in its log files (/tmp/ray/session_latest/logs) unless ``verbose``.
     """
     if ray.is_initialized():
         return
