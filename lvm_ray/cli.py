@@ -274,8 +274,13 @@ def train(
     test_values: Annotated[list[str] | None, typer.Option(help="Values of --split-column for the test split.")] = None,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per worker (fractions allowed).")] = 1.0,
     cache_inputs: Annotated[
-        bool, typer.Option(help="Keep preprocessed inputs in the object store across epochs (small datasets).")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--cache-inputs/--stream-inputs",
+            help="Keep the preprocessed inputs in the object store for all epochs, or stream the shards "
+            "every epoch; default: cache when they take under a quarter of the object store.",
+        ),
+    ] = None,
     max_failures: Annotated[
         int, typer.Option(min=0, help="Worker failures survived (restart from the last checkpoint).")
     ] = 3,

@@ -75,8 +75,9 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     seed: int = 0
     max_failures: int = 3
-    #: Materialise the preprocessed inputs in the object store after the first pass (small data).
-    cache_inputs: bool = False
+    #: Keep the preprocessed inputs in the object store (one read of the shards for all epochs):
+    #: True / False, or None to decide by size (under a quarter of the object store).
+    cache_inputs: bool | None = None
     placement_strategy: str = "PACK"
     #: Rows of the per-worker local shuffle buffer (streamed shards arrive in manifest order).
     shuffle_buffer: int = 1024

@@ -278,26 +278,72 @@ def _featurize_split(batch: dict[str, np.ndarray], ids: frozenset[str], preset: 
     return featurize({k: np.asarray(v)[keep] for k, v in batch.items()}, preset)
 
 
+def _featurize_splits(batch: dict[str, np.ndarray], codes: dict[str, int], preset: Preset) -> dict[str, np.ndarray]:
+    """One pass for train and val: keep the rows of either, build inputs, tag each with its split."""
+    split = np.array([codes.get(str(i), -1) for i in batch["ecg_id"]], dtype=np.int8)
+    keep = split >= 0
+    out = featurize({k: np.asarray(v)[keep] for k, v in batch.items()}, preset)
+    out["split"] = split[keep]
+    return out
+
+
+def _select_split(batch: dict[str, np.ndarray], code: int) -> dict[str, np.ndarray]:
+    keep = np.asarray(batch["split"]) == code
+    return {k: np.asarray(v)[keep] for k, v in batch.items() if k != "split"}
+
+
+def cached_input_bytes(cfg: TrainConfig, rows: int) -> int:
+    """Object-store bytes the preprocessed inputs of ``rows`` ECGs take (float32 input + covariates)."""
+    leads, samples = cfg.preset.input.shape
+    return rows * (leads * samples + len(cfg.preset.covariates) + 4) * 4
+
+
+def should_cache(cfg: TrainConfig, rows: int) -> bool:
+    """cache_inputs True/False decides; None (auto): cache when the inputs take under a quarter of the object store."""
+    if cfg.cache_inputs is not None:
+        return bool(cfg.cache_inputs)
+    import ray
+
+    store_bytes = ray.cluster_resources().get("object_store_memory", 0)
+    return cached_input_bytes(cfg, rows) < store_bytes / 4
+
+
 def build_datasets(cfg: TrainConfig, split_table: pd.DataFrame) -> dict[str, Any]:
-    """Ray Datasets 'train' and 'val' of model inputs, streamed from the shards."""
+    """Ray Datasets 'train' and 'val' of model inputs.
+
+    Cached (small data, or ``cache_inputs``): the shards are read and preprocessed once, in one
+    pass for both splits, and the inputs stay in the object store for every epoch. Streamed
+    (large data): each split streams the shards every epoch, keeping only its own rows.
+    """
     from lvm_ray.ray_utils import read_ecg_dataset
 
     present = set(columns_present(cfg.data))
     columns = [c for c in input_columns(cfg.preset) if c in present]
-    datasets = {}
-    for which in ("train", "val"):
-        ds = read_ecg_dataset(cfg.data, columns=columns).map_batches(
+    ids = {which: ids_in_split(split_table, which) for which in ("train", "val")}
+    if should_cache(cfg, sum(len(v) for v in ids.values())):
+        codes = {i: SPLIT_CODES[which] for which, members in ids.items() for i in members}
+        both = (
+            read_ecg_dataset(cfg.data, columns=columns)
+            .map_batches(_featurize_splits, fn_kwargs={"codes": codes, "preset": cfg.preset}, batch_format="numpy")
+            .materialize()
+        )
+        datasets = {
+            which: both.map_batches(
+                _select_split, fn_kwargs={"code": SPLIT_CODES[which]}, batch_format="numpy"
+            ).materialize()
+            for which in ("train", "val")
+        }
+        datasets["train"] = datasets["train"].randomize_block_order()  # cheap on materialised blocks
+        return datasets
+    return {
+        which: read_ecg_dataset(cfg.data, columns=columns).map_batches(
             _featurize_split,
-            fn_kwargs={"ids": ids_in_split(split_table, which), "preset": cfg.preset},
+            fn_kwargs={"ids": ids[which], "preset": cfg.preset},
             batch_format="numpy",
             batch_size=128,
         )
-        if cfg.cache_inputs:
-            ds = ds.materialize()
-            if which == "train":  # cheap on materialised blocks; streaming relies on the shuffle buffer
-                ds = ds.randomize_block_order()
-        datasets[which] = ds
-    return datasets
+        for which in ("train", "val")
+    }
 
 
 def build_trainer(cfg: TrainConfig, datasets: Mapping[str, Any]) -> Any:
@@ -354,7 +400,7 @@ def train(
     cpus_per_worker: float = 1.0,
     max_failures: int = 3,
     seed: int = 0,
-    cache_inputs: bool = False,
+    cache_inputs: bool | None = None,
     evaluate_test: bool = True,
     overwrite: bool = False,
     placement_strategy: str = "PACK",
