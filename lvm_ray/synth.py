@@ -40,7 +40,8 @@ The model, per person
 
 Truth recorded per ECG: true_r_uv_<LEAD> / true_s_uv_<LEAD> on the noise-free template relative
 to its isoelectric baseline (0), R = max(QRS, 0) and S = max(-QRS, 0) over the QRS window, the
-true QRS duration and the heart rate.
+true QRS duration and the heart rate, and ``true_qrs_onsets``: the sample (500 Hz) of every QRS
+onset inside the 10 s, so each QRS complex lies at [onset, onset + true_qrs_ms).
 
 Determinism: every person draws all their random numbers from their own stream,
 ``SeedSequence(seed, spawn_key=(index,))``, so an ECG depends only on (seed, index, config),
@@ -663,28 +664,47 @@ def _true_amplitudes(template8: np.ndarray, qrs_ms: np.ndarray) -> dict[str, np.
 # --------------------------------------------------------------------------------------------
 
 
-def _beat_trains(h: _Heart, d: _Draws, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Amplitude and rotation impulse trains [n, _NFFT] at each beat's QRS onset."""
+def _beat_schedule(h: _Heart, d: _Draws, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Each beat's QRS onset as a recording sample [n, _MAX_BEATS] (may lie outside the 10 s) and
+    its respiratory phase value sin(...) [n, _MAX_BEATS]: the one rhythm that the waveform
+    (:func:`_beat_trains`) and the truth (``true_qrs_onsets``) both use."""
     n = len(h.hr_bpm)
     rr = 60.0 / h.hr_bpm
     resp_hz = cfg.respiration_hz[0] + (cfg.respiration_hz[1] - cfg.respiration_hz[0]) * d.uv("resp_hz")
     resp_phase = 2 * np.pi * d.uv("resp_phase")
-    amp_train = np.zeros((n, _NFFT))
-    rot_train = np.zeros((n, _NFFT))
-    rows = np.arange(n)
+    onsets = np.empty((n, _MAX_BEATS), dtype=int)
+    breaths = np.empty((n, _MAX_BEATS))
     # Start up to one RR before the recording (minus the T wave) so the first beat is random.
     t = -d.uv("phase") * rr - _TEMPLATE_POST_MS / 1000.0 * 0.5
     for k in range(_MAX_BEATS):
         breath = np.sin(2 * np.pi * resp_hz * t + resp_phase)
+        onsets[:, k] = np.rint(t * SAMPLE_RATE_HZ).astype(int)
+        breaths[:, k] = breath
+        t = t + rr * (1.0 + cfg.rsa_amplitude * breath + cfg.rr_jitter_sd * d.beat_z[:, 0, k])
+    return onsets, breaths
+
+
+def _qrs_onsets(onsets: np.ndarray) -> list[list[int]]:
+    """Per person, the QRS onsets (samples at 500 Hz) that fall inside the 10-s recording."""
+    return [[int(s) for s in row if 0 <= s < N_SAMPLES] for row in onsets]
+
+
+def _beat_trains(h: _Heart, d: _Draws, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Amplitude and rotation impulse trains [n, _NFFT] at each beat's QRS onset."""
+    n = len(h.hr_bpm)
+    amp_train = np.zeros((n, _NFFT))
+    rot_train = np.zeros((n, _NFFT))
+    rows = np.arange(n)
+    onsets, breaths = _beat_schedule(h, d, cfg)
+    for k in range(_MAX_BEATS):
+        breath = breaths[:, k]
         # A QRS onset at recording sample s puts its impulse at index L + s (see _render).
-        s = np.rint(t * SAMPLE_RATE_HZ).astype(int)
-        pos = s + _L
+        pos = onsets[:, k] + _L
         ok = (pos >= 0) & (pos < _NFFT - _L)
         amp_train[rows[ok], pos[ok]] = (
             1.0 + cfg.beat_amplitude_sd * d.beat_z[ok, 1, k] + cfg.respiratory_amplitude * breath[ok]
         )
         rot_train[rows[ok], pos[ok]] = cfg.respiratory_rotation_rad * breath[ok]
-        t = t + rr * (1.0 + cfg.rsa_amplitude * breath + cfg.rr_jitter_sd * d.beat_z[:, 0, k])
     return amp_train, rot_train
 
 
@@ -845,6 +865,8 @@ def _generate_block(
     columns["hypertension"] = cov["hypertension"]
     columns["bmi"] = bmi(columns["height_cm"], columns["weight_kg"])
     columns["true_qrs_ms"] = h.qrs_ms
+    # Every beat's QRS onset in the recording: with true_qrs_ms, where the QRS complexes lie.
+    columns["true_qrs_onsets"] = _qrs_onsets(_beat_schedule(h, d, cfg)[0])
     columns["true_hr_bpm"] = h.hr_bpm
     columns.update(truth)
     extras = {"true_strain": h.strain, "true_pr_ms": h.pr_ms, "true_qt_ms": h.qt_ms, "bad_lead": _bad_lead(d, cfg)}
@@ -923,6 +945,7 @@ def truth(config: SynthConfig, n: int, seed: int) -> dict[str, Any]:
         "amplitude_definition": "R = max(QRS, 0), S = max(-QRS, 0) over the QRS window of the noise-free mean "
         "beat, relative to its isoelectric (0) baseline, in uV",
         "qrs_definition": "onset of the first to the end of the last QRS lobe of the noise-free beat (ms)",
+        "qrs_onsets_definition": "true_qrs_onsets: recording samples (500 Hz) of every beat's QRS onset in the 10 s",
         "lead_transform": "Dower (Clin Cardiol 1980;3:87-95) for VCG->I,II,V1-V6; III, aVR, aVL, aVF derived",
         "parameters": json.loads(json.dumps(params)),
     }
@@ -934,6 +957,7 @@ def extra_fields() -> list[pa.Field]:
         pa.field("hypertension", pa.bool_()),
         pa.field("bmi", pa.float64()),
         pa.field("true_qrs_ms", pa.float64()),
+        pa.field("true_qrs_onsets", pa.list_(pa.int32())),
         pa.field("true_hr_bpm", pa.float64()),
         *TRUE_AMPLITUDE_FIELDS,
         pa.field("true_strain", pa.float64()),

@@ -89,6 +89,7 @@ def test_shapes_columns_and_ids(cohort):
         "hypertension",
         "bmi",
         "true_qrs_ms",
+        "true_qrs_onsets",
         "true_hr_bpm",
     ):
         assert name in table.columns, name
@@ -169,6 +170,43 @@ def test_rhythm_and_intervals(cohort):
     assert table.true_pr_ms.between(120, 200).all()
     assert 85 < table.true_qrs_ms.mean() < 100 and table.true_qrs_ms.between(70, 150).all()
     assert (table.true_qt_ms > table.true_qrs_ms + 150).all()
+
+
+def test_qrs_onsets_mark_where_each_qrs_complex_lies():
+    """On noise-free recordings the PR segment just before each recorded onset is exactly flat,
+    the window [onset, onset + true_qrs_ms) holds a QRS, onsets follow the heart rate, and the
+    largest deflection of the recording lies in a window."""
+    quiet = replace(SynthConfig(), hum_median_uv=0.0, emg_median_uv=0.0, wander_median_uv=0.0, bad_lead_fraction=0.0)
+    batch = generate_batch(150, 5, config=quiet)
+    peaks_in_qrs = 0
+    for ecg, onsets, qrs_ms, hr in zip(
+        batch.ecg.astype(np.float64),
+        batch.table.true_qrs_onsets,
+        batch.table.true_qrs_ms,
+        batch.table.true_hr_bpm,
+        strict=True,
+    ):
+        onsets = np.asarray(onsets)
+        width = int(round(qrs_ms * 500 / 1000))
+        assert len(onsets) >= 8 and (np.diff(onsets) > 0).all()
+        assert onsets.min() >= 0 and onsets.max() < N_SAMPLES
+        assert np.median(np.diff(onsets)) == pytest.approx(60 * 500 / hr, rel=0.1)
+        for s in onsets:
+            if s >= 10:  # the PR segment (the P wave ends >= 30 ms before the QRS) is isoelectric
+                assert np.abs(ecg[:, s - 10 : s]).max() == 0.0
+            if s + width <= N_SAMPLES:
+                assert np.abs(ecg[:, s : s + width]).max() > 200.0
+        in_qrs = np.zeros(N_SAMPLES, dtype=bool)
+        for s in onsets:
+            in_qrs[s : s + width + 1] = True
+        peak = int(np.abs(ecg).max(axis=0).argmax())
+        peaks_in_qrs += bool(in_qrs[peak] or peak < onsets[0])  # (a beat that began before the recording)
+    assert peaks_in_qrs >= 0.95 * len(batch.table)
+    # The same onsets without rendering waveforms, and the same waveform with or without noise.
+    table, _ = generate_people(20, 5, config=quiet)
+    assert table.true_qrs_onsets.tolist() == batch.table.true_qrs_onsets.iloc[:20].tolist()
+    noisy = generate_batch(20, 5)
+    assert noisy.table.true_qrs_onsets.tolist() == table.true_qrs_onsets.tolist()
 
 
 # --- determinism ----------------------------------------------------------------------------
@@ -362,6 +400,8 @@ def test_write_cohort_writes_shards_followup_and_truth(tmp_path):
     batch = generate_batch(30, 3)
     order = np.argsort(table.column("ecg_id").to_pylist())
     np.testing.assert_array_equal(store.ecg_array(table)[order], batch.ecg)
+    onsets = table.column("true_qrs_onsets").to_pylist()
+    assert [onsets[i] for i in order] == batch.table.true_qrs_onsets.tolist()  # list<int32> round trip
     followup = store.read_any_table(f"{out}/followup.parquet")
     assert len(followup) == 30 and "hf_time_years" in followup.columns
     assert store.read_json(f"{out}/truth.json")["seed"] == 3
