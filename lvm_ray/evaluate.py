@@ -172,6 +172,114 @@ def prepare_evaluation_frame(
     return df.loc[~excluded].reset_index(drop=True), exclusions, mismatch
 
 
+# --------------------------------------------------------------------------------------------
+# Without CMR LV mass: the labels' LVH column is the reference (PTB-XL-like sites)
+# --------------------------------------------------------------------------------------------
+
+#: The continuous LVM-AI score by its column: predicted LVMI, or predicted LV mass where BSA is unknown.
+SCORE_DISPLAY_NAMES: dict[str, str] = {
+    "lvmi_pred": DISPLAY_NAMES["lvm_ai_lvmi"],
+    "lv_mass_pred_g": "LVM-AI (predicted LV mass, continuous)",
+}
+_LVH_TEXT: dict[str, bool] = {"true": True, "false": False, "yes": True, "no": False, "y": True, "n": False}
+
+
+def reference_lvh(values: pd.Series, column: str) -> pd.Series:
+    """A reference LVH label column -> nullable boolean (<NA> where empty).
+
+    Booleans, 0/1 and true/false/yes/no text are read; anything else (a 0-100 likelihood, a
+    diagnosis text) is a ValueError naming the column and the value.
+    """
+    out: list[bool | None] = []
+    for value in values.astype(object):
+        if value is None or (not isinstance(value, str) and pd.isna(value)) or str(value).strip() == "":
+            out.append(None)
+        elif isinstance(value, (bool, np.bool_)):
+            out.append(bool(value))
+        elif isinstance(value, str) and value.strip().lower() in _LVH_TEXT:
+            out.append(_LVH_TEXT[value.strip().lower()])
+        else:
+            number = pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0]
+            if number not in (0.0, 1.0):
+                raise ValueError(
+                    f"column {column!r} must hold an LVH label (0/1, true/false or yes/no); it has {str(value)[:40]!r}"
+                )
+            out.append(bool(number == 1.0))
+    return pd.Series(pd.array(out, dtype="boolean"), index=values.index)
+
+
+def has_cmr_mass(frame: pd.DataFrame) -> bool:
+    """Whether any row has a CMR LV mass (then CMR LVH is the reference, as in the paper)."""
+    return "lv_mass_g" in frame.columns and bool(pd.to_numeric(frame["lv_mass_g"], errors="coerce").notna().any())
+
+
+def prepare_lvh_reference_frame(
+    frame: pd.DataFrame, lvh_config: LVHConfig, lvh_column: str
+) -> tuple[pd.DataFrame, dict[str, int], int, str, list[str]]:
+    """The analysis frame where the labels have an LVH column but no CMR LV mass.
+
+    The reference LVH is ``lvh_column``. LVM-AI's continuous score is predicted LVMI if every
+    analysed ECG has a BSA, else predicted LV mass (one score for all rows); LVM-AI LVH is known
+    where BSA and sex are. Returns (frame, exclusions, lvh_pred mismatches, score column, notes).
+    """
+    missing = [c for c in ("ecg_id", "lv_mass_pred_g", lvh_column) if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"the predictions table lacks {missing}: evaluating against an LVH column needs that column "
+            "carried through scoring (a labels column at ingest) beside ecg_id and lv_mass_pred_g"
+        )
+    df = frame.reset_index(drop=True).copy()
+    exclusions: dict[str, int] = {}
+    duplicated = df["ecg_id"].duplicated(keep="first")
+    if duplicated.any():
+        exclusions["duplicate_ecg_id"] = int(duplicated.sum())
+        df = df.loc[~duplicated].reset_index(drop=True)
+    for column in ("lv_mass_g", "bsa_m2", "sex"):
+        if column not in df.columns:
+            df[column] = None
+    df["sex"] = normalise_sex(df["sex"])
+    for column in ("lv_mass_g", "bsa_m2", "lv_mass_pred_g"):
+        df[column] = pd.to_numeric(df[column], errors="coerce").astype(float)
+    predicted = derive(df, lvh_config, mass_column="lv_mass_pred_g", lvmi_column="lvmi_pred")
+    df["bsa_m2"] = predicted["bsa_m2"].to_numpy()
+    df["lvmi"] = np.nan
+    df["lvmi_pred"] = predicted["lvmi"].to_numpy()
+    recomputed = predicted["lvh"].reset_index(drop=True)
+    mismatch = 0
+    if "lvh_pred" in df.columns:
+        given_call = _nullable_bool(df["lvh_pred"]).reset_index(drop=True)
+        both = given_call.notna() & recomputed.notna()
+        mismatch = int((given_call[both] != recomputed[both]).sum())
+    df["lvh_pred"] = recomputed.array
+    df["lvh"] = reference_lvh(df[lvh_column], lvh_column).array
+    no_label = df["lvh"].isna().to_numpy()
+    no_prediction = ~np.isfinite(df["lv_mass_pred_g"].to_numpy()) & ~no_label
+    for name, mask in (("missing_lvh_label", no_label), ("missing_prediction", no_prediction)):
+        if mask.any():
+            exclusions[name] = int(mask.sum())
+    df = df.loc[~(no_label | no_prediction)].reset_index(drop=True)
+
+    n = len(df)
+    with_lvmi = int(np.isfinite(df["lvmi_pred"].to_numpy(dtype=float)).sum())
+    score_column = "lvmi_pred" if n and with_lvmi == n else "lv_mass_pred_g"
+    notes = [
+        f"No CMR LV mass in the labels: the reference LVH is the labels' column {lvh_column!r}, not CMR LVMI; "
+        "Pearson r, MAE and Bland-Altman need CMR LV mass and are not computed."
+    ]
+    if score_column == "lv_mass_pred_g":
+        notes.append(
+            f"Predicted LVMI needs a BSA (height and weight, or bsa_m2): known for {with_lvmi} of {n} ECGs, "
+            "so the continuous LVM-AI score is predicted LV mass (g)."
+        )
+    n_call = int(df["lvh_pred"].notna().sum())
+    if n_call < n:
+        notes.append(
+            f"LVM-AI LVH (predicted LVMI over the sex thresholds) needs a BSA and sex: known for {n_call} of {n} "
+            "ECGs; its c-statistic and binary-call counts use those."
+        )
+    return df, exclusions, mismatch, score_column, notes
+
+
 def _rule_call(df: pd.DataFrame, column: str) -> pd.Series | None:
     if column not in df.columns:
         return None
@@ -187,8 +295,15 @@ def _unavailable(reason: str) -> dict[str, Any]:
     return {"auc": None, "ci": [None, None], "n": 0, "note": reason}
 
 
-def compute_metrics(df: pd.DataFrame, ci_method: str = "plain") -> tuple[dict[str, Any], pd.DataFrame]:
-    """All metrics on an analysis frame from :func:`prepare_evaluation_frame`; also the ROC curve."""
+def compute_metrics(
+    df: pd.DataFrame, ci_method: str = "plain", score_column: str = "lvmi_pred"
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """All metrics on an analysis frame from :func:`prepare_evaluation_frame`; also the ROC curve.
+
+    ``score_column``: the continuous LVM-AI score (predicted LV mass where the labels lack a BSA:
+    :func:`prepare_lvh_reference_frame`); where lvh_pred is unknown (no BSA), LVM-AI LVH is assessed
+    on the rows that have it, as a rule is on the ECGs where it is measurable.
+    """
     y = df["lvh"].to_numpy(dtype=bool)
     r, r_ci, n = pearson_r_ci(df["lv_mass_pred_g"], df["lv_mass_g"])
     metrics: dict[str, Any] = {
@@ -201,8 +316,9 @@ def compute_metrics(df: pd.DataFrame, ci_method: str = "plain") -> tuple[dict[st
     }
     n_lvh = int(y.sum())
     both_classes = 0 < n_lvh < len(y)
-    lvmi_pred = df["lvmi_pred"].to_numpy(dtype=float)
-    lvh_pred = df["lvh_pred"].to_numpy(dtype=bool)
+    lvmi_pred = df[score_column].to_numpy(dtype=float)
+    lvh_known = df["lvh_pred"].notna().to_numpy()  # every row with CMR labels
+    lvh_pred = df["lvh_pred"].fillna(False).to_numpy(dtype=bool)
     c_stats: dict[str, Any] = {}
     delong_p: dict[str, Any] = {"lvm_ai_lvmi": None}
     delong_detail: dict[str, Any] = {}
@@ -212,8 +328,9 @@ def compute_metrics(df: pd.DataFrame, ci_method: str = "plain") -> tuple[dict[st
 
     if both_classes:
         c_stats["lvm_ai_lvmi"] = _c_statistic(y, lvmi_pred, ci_method)
-        c_stats["lvm_ai_lvh"] = _c_statistic(y, lvh_pred.astype(float), ci_method)
-        test = delong_paired_test(y, lvmi_pred, lvh_pred.astype(float))
+        k = lvh_known
+        c_stats["lvm_ai_lvh"] = _c_statistic(y[k], lvh_pred[k].astype(float), ci_method)
+        test = delong_paired_test(y[k], lvmi_pred[k], lvh_pred[k].astype(float))
         delong_p["lvm_ai_lvh"] = test["p"]
         delong_detail["lvm_ai_lvh"] = test
     else:
@@ -221,7 +338,11 @@ def compute_metrics(df: pd.DataFrame, ci_method: str = "plain") -> tuple[dict[st
         c_stats["lvm_ai_lvmi"] = _unavailable(note)
         c_stats["lvm_ai_lvh"] = _unavailable(note)
         delong_p["lvm_ai_lvh"] = None
-    binary_calls["lvm_ai_lvh"] = {**binary_call_metrics(y, lvh_pred).to_dict(), "column": "lvh_pred"}
+    binary_calls["lvm_ai_lvh"] = {
+        **binary_call_metrics(y[lvh_known], lvh_pred[lvh_known]).to_dict(),
+        "column": "lvh_pred",
+        "n_not_measurable": int((~lvh_known).sum()),
+    }
 
     for name, column in {**RULES, **EXTRA_RULES}.items():
         extra = name in EXTRA_RULES
@@ -247,7 +368,8 @@ def compute_metrics(df: pd.DataFrame, ci_method: str = "plain") -> tuple[dict[st
                 "n_not_measurable": int((~known).sum()),
             }
             test = delong_paired_test(yk, lvmi_pred[known], flag.astype(float))
-            test_lvh = delong_paired_test(yk, lvh_pred[known].astype(float), flag.astype(float))
+            both = known & lvh_known
+            test_lvh = delong_paired_test(y[both], lvh_pred[both].astype(float), call[both].to_numpy(dtype=float))
             if extra:
                 c_extra[name]["delong_p_vs_lvm_ai_lvmi"] = test["p"]
             else:
@@ -334,7 +456,9 @@ def paper_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": name,
-                "method": DISPLAY_NAMES.get(name, name),
+                "method": SCORE_DISPLAY_NAMES[metrics.get("continuous_score") or "lvmi_pred"]
+                if name == "lvm_ai_lvmi"
+                else DISPLAY_NAMES.get(name, name),
                 "c_statistic": _fmt_auc_ci(auc, ci),
                 "p_vs_lvm_ai": p,
                 "sensitivity": _fmt_pct_ci(calls.get("sensitivity"), calls.get("sensitivity_ci")),
@@ -362,7 +486,8 @@ TABLE_HEADERS = (
 def table_markdown(metrics: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     r_ci = metrics["pearson_r_ci"]
     lines = [
-        f"# LVM-AI evaluation (n = {metrics['n']}, CMR LVH {metrics['n_lvh']}, "
+        f"# LVM-AI evaluation (n = {metrics['n']}, {'LVH' if metrics.get('reference') == 'lvh_column' else 'CMR LVH'} "
+        f"{metrics['n_lvh']}, "
         f"prevalence {_fmt_pct_ci(metrics['prevalence'], None)})",
         "",
         f"Pearson r (predicted vs CMR LV mass) = {_fmt(metrics['pearson_r'])} "
@@ -394,6 +519,7 @@ def evaluate(
     out: str,
     lvh_config: LVHConfig = LVHConfig(),
     ci_method: str = "plain",
+    lvh_column: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate predictions against CMR labels; write metrics.json, tables and plot data to ``out``.
 
@@ -402,13 +528,36 @@ def evaluate(
     missing otherwise); lvmi_pred, lvh_prob, the rule flags, model_preset and model_version are
     used where present. Rows with a missing label or prediction are excluded and counted
     ("n_excluded", "exclusions"). Returns the metrics dict (as written to metrics.json).
+
+    ``lvh_column``: a reference LVH column (0/1, e.g. PTB-XL's cardiologist statement) used when
+    no row has a CMR lv_mass_g (:func:`prepare_lvh_reference_frame`); metrics["notes"] says what
+    that changes ("reference": "lvh_column").
     """
     raw = store.read_any_table(
-        predictions, columns=None if isinstance(predictions, pd.DataFrame) else PREDICTION_COLUMNS
+        predictions,
+        columns=None
+        if isinstance(predictions, pd.DataFrame)
+        else [*PREDICTION_COLUMNS, *([lvh_column] if lvh_column else [])],
     )
     n_input = len(raw)
-    df, exclusions, mismatch = prepare_evaluation_frame(raw, lvh_config)
-    metrics, roc = compute_metrics(df, ci_method=ci_method)
+    notes: list[str] = []
+    score_column = "lvmi_pred"
+    by_column = lvh_column is not None and not has_cmr_mass(raw)
+    if by_column:
+        df, exclusions, mismatch, score_column, notes = prepare_lvh_reference_frame(raw, lvh_config, str(lvh_column))
+    else:
+        df, exclusions, mismatch = prepare_evaluation_frame(raw, lvh_config)
+        if lvh_column is not None:
+            notes.append(f"The labels have CMR LV mass: the reference is CMR LVH; column {lvh_column!r} is not used.")
+    metrics, roc = compute_metrics(df, ci_method=ci_method, score_column=score_column)
+    metrics.update(
+        {
+            "reference": "lvh_column" if by_column else "cmr_lvmi",
+            "lvh_column": lvh_column if by_column else None,
+            "continuous_score": score_column,
+            "notes": notes,
+        }
+    )
     metrics.update(
         {
             "n_input": n_input,
@@ -426,11 +575,13 @@ def evaluate(
     rows = paper_table(store.jsonable(metrics))
     store.write_json(store.join_url(out, METRICS_JSON), metrics)
     store.write_json(store.join_url(out, TABLE_JSON), {"columns": dict(TABLE_HEADERS), "rows": rows})
-    store.write_bytes(store.join_url(out, TABLE_MD), table_markdown(store.jsonable(metrics), rows).encode())
+    markdown = table_markdown(store.jsonable(metrics), rows) + "".join(f"Note: {note}\n\n" for note in notes)
+    store.write_bytes(store.join_url(out, TABLE_MD), markdown.encode())
     pair_columns = ["ecg_id", "sex", "lv_mass_g", "lv_mass_pred_g", "bsa_m2", "lvmi", "lvmi_pred", "lvh", "lvh_pred"]
     pairs = df[pair_columns].copy()
     pairs["lvh"] = pairs["lvh"].astype(bool)
-    pairs["lvh_pred"] = pairs["lvh_pred"].astype(bool)
+    # Unknown without a BSA (lvh_column): kept nullable there.
+    pairs["lvh_pred"] = pairs["lvh_pred"].astype(bool if pairs["lvh_pred"].notna().all() else "boolean")
     store.write_table(store.join_url(out, PAIRS_PARQUET), pairs)
     store.write_table(store.join_url(out, ROC_PARQUET), roc)
     return store.jsonable(metrics)

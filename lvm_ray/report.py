@@ -189,8 +189,9 @@ def roc_figure(roc: pd.DataFrame, metrics: dict[str, Any]) -> Figure:
     c_stats = metrics.get("c_statistics", {})
     auc = (c_stats.get("lvm_ai_lvmi") or {}).get("auc")
     ax.plot([0, 1], [0, 1], color="#aaa", lw=0.8, ls=":")
+    score = "LV mass" if metrics.get("continuous_score") == "lv_mass_pred_g" else "LVMI"  # LV mass: no BSA known
     if len(roc):
-        ax.plot(roc["fpr"], roc["tpr"], color="#2c7fb8", lw=2, label=f"LVM-AI predicted LVMI (c = {_num(auc)})")
+        ax.plot(roc["fpr"], roc["tpr"], color="#2c7fb8", lw=2, label=f"LVM-AI predicted {score} (c = {_num(auc)})")
     for name, call in (metrics.get("binary_calls") or {}).items():
         if name not in RULE_MARKERS or call.get("sensitivity") is None or call.get("specificity") is None:
             continue
@@ -209,7 +210,8 @@ def roc_figure(roc: pd.DataFrame, metrics: dict[str, Any]) -> Figure:
     ax.set_ylim(-0.01, 1.01)
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("Sensitivity")
-    ax.set_title("CMR LVH: ROC of predicted LVMI; binary calls as points")
+    reference = "Reference LVH" if metrics.get("reference") == "lvh_column" else "CMR LVH"
+    ax.set_title(f"{reference}: ROC of predicted {score}; binary calls as points")
     ax.legend(loc="lower right", fontsize=8)
     return fig
 
@@ -302,7 +304,14 @@ def _evaluation_section(eval_dir: str) -> tuple[str, dict[str, Any]]:
     ba = metrics.get("bland_altman") or {}
     ci = metrics.get("pearson_r_ci") or [None, None]
     summary = _table(
-        ["n", "CMR LVH (prevalence)", "Pearson r (95% CI)", "MAE (g)", "Mean difference (g)", "LoA (g)"],
+        [
+            "n",
+            f"{'Reference' if metrics.get('reference') == 'lvh_column' else 'CMR'} LVH (prevalence)",
+            "Pearson r (95% CI)",
+            "MAE (g)",
+            "Mean difference (g)",
+            "LoA (g)",
+        ],
         [
             [
                 _esc(metrics.get("n")),
@@ -335,8 +344,15 @@ def _evaluation_section(eval_dir: str) -> tuple[str, dict[str, Any]]:
     exclusions = metrics.get("exclusions") or {}
     excl_text = ", ".join(f"{_esc(k.replace('_', ' '))}: {_esc(v)}" for k, v in exclusions.items()) or "none"
 
+    # Without CMR LV mass the labels' LVH column is the reference (evaluate --lvh-column): no mass plots.
+    by_column = metrics.get("reference") == "lvh_column"
+    reference = "the reference LVH" if by_column else "CMR LVH"
+    score = "predicted LV mass" if metrics.get("continuous_score") == "lv_mass_pred_g" else "predicted LVMI"
+    notes = "".join(f'<p class="note">{_esc(note)}</p>' for note in metrics.get("notes") or [])
     figures = []
-    if len(pairs):
+    if by_column:
+        figures += ['<p class="note">No CMR LV mass: no scatter or Bland-Altman plot.</p>', ""]
+    elif len(pairs):
         figures.append(
             _figure_html(
                 "fig-scatter",
@@ -357,22 +373,30 @@ def _evaluation_section(eval_dir: str) -> tuple[str, dict[str, Any]]:
         figures.append(
             _figure_html(
                 "fig-roc",
-                "ROC curve of predicted LVMI for CMR LVH with voltage rules as points",
+                f"ROC curve of {score} for {reference} with voltage rules as points",
                 roc_figure(roc, metrics),
-                "ROC of the continuous prediction (predicted LVMI) for CMR LVH; each binary call (dichotomised "
+                f"ROC of the continuous prediction ({score}) for {reference}; each binary call (dichotomised "
                 "LVM-AI, voltage rules) is one operating point, its c-statistic (sensitivity + specificity) / 2.",
             )
         )
     else:
-        figures.append('<p class="note">No ROC curve: CMR LVH has a single class in this data.</p>')
+        figures.append(f'<p class="note">No ROC curve: {reference} has a single class in this data.</p>')
 
+    thresholds = _thresholds(metrics.get("lvh_thresholds_g_m2"))
+    reference_text = (
+        f"Reference LVH: the labels' column {_esc(metrics.get('lvh_column'))} (no CMR LV mass); "
+        f"LVM-AI LVH: predicted LVMI above {thresholds} (strict)."
+        if by_column
+        else f"CMR LVH: LVMI above {thresholds} (strict)."
+    )
     section = f"""
+{notes}
 <h2>Agreement with CMR LV mass</h2>
 {summary}
 <p class="small">Excluded (missing label or prediction): {_esc(metrics.get("n_excluded", 0))} ({excl_text}).</p>
 <div class="figs">{"".join(figures[:2])}</div>
-<h2>Discrimination of CMR LVH</h2>
-<p class="small">CMR LVH: LVMI above {_thresholds(metrics.get("lvh_thresholds_g_m2"))} (strict).
+<h2>Discrimination of {reference}</h2>
+<p class="small">{reference_text}
 {_esc(metrics.get("ci_method", ""))} 95% CIs.</p>
 {paper}
 <div class="figs">{"".join(figures[2:])}</div>

@@ -418,6 +418,7 @@ OUTPUT_MARKERS: dict[str, str] = {
     "run": "run.json",
     "evaluation": "metrics.json",
     "outcomes": "outcomes.json",
+    "validation": "_validation.json",
 }
 
 
