@@ -375,21 +375,28 @@ def score(
 def evaluate(
     predictions: Annotated[str, typer.Option(help="Predictions folder written by `lvm-ray score`.")],
     out: Annotated[str, typer.Option(help="Folder for metrics.json, table.md and the report's data.")],
+    lvh_column: Annotated[
+        str | None,
+        typer.Option(help="Column holding a reference LVH (0/1), used when there is no CMR LV mass (PTB-XL: lvh)."),
+    ] = None,
 ) -> None:
     """Pearson r, MAE, Bland-Altman, c-statistics with DeLong CIs and tests against the voltage rules."""
     from lvm_ray.evaluate import evaluate as run_evaluate
     from lvm_ray.store import StoreError, join_url
 
     try:
-        metrics = run_evaluate(predictions, out)
+        metrics = run_evaluate(predictions, out, lvh_column=lvh_column)
     except (ValueError, FileNotFoundError, StoreError) as exc:
         _fail(_one_line(exc))
     typer.echo(f"evaluate -> {out}  (n = {metrics['n']})")
-    typer.echo(f"  Pearson r {metrics['pearson_r']:.3f} {metrics['pearson_r_ci']}, MAE {metrics['mae_g']:.1f} g")
+    if metrics["pearson_r"] is not None:  # None without CMR LV mass (--lvh-column)
+        typer.echo(f"  Pearson r {metrics['pearson_r']:.3f} {metrics['pearson_r_ci']}, MAE {metrics['mae_g']:.1f} g")
     for name, c in metrics["c_statistics"].items():
         if c.get("auc") is not None:
             p = metrics["delong_p"].get(name)
             typer.echo(f"  c {name:<14s}{c['auc']:.3f} {_ci_text(c.get('ci'))}" + (f"  P={p:.3g}" if p else ""))
+    for note in metrics.get("notes") or []:
+        typer.echo(f"  note: {note}")
     typer.echo(f"  table: {join_url(out, 'table.md')}")
 
 
@@ -551,6 +558,76 @@ def import_keras_command(
     except KerasImportError as exc:
         _fail(str(exc))
     typer.echo(result.summary())
+
+
+@app.command()
+@_interruptible
+def validate(
+    exports: Annotated[
+        list[str], typer.Argument(help="ECG exports: files, folders, globs or a PTB-XL root; any fsspec URL.")
+    ],
+    labels: Annotated[
+        str,
+        typer.Option(
+            help="CSV/parquet keyed by ecg_id (or patient_id): CMR lv_mass_g with sex and height_cm/weight_kg "
+            "(or bsa_m2), and/or an LVH column (--lvh-column)."
+        ),
+    ],
+    checkpoint: Annotated[str, typer.Option(help="Run folder or checkpoint (e.g. from `lvm-ray import-keras`).")],
+    out: Annotated[
+        str,
+        typer.Option(help="Folder for data/, predictions/, evaluation/, report.html, outputs.json; re-runs resume."),
+    ],
+    lvh_column: Annotated[
+        str | None,
+        typer.Option(help="Labels column holding a reference LVH (0/1), used when there is no CMR LV mass."),
+    ] = None,
+    strict: Annotated[bool, typer.Option(help="Quarantine amplitude-normalised records too.")] = False,
+    sample_rate: Annotated[
+        float | None, typer.Option(help="Sample rate (Hz) of .npy sources, which carry none.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="ECGs per model call.")] = 64,
+    num_actors: Annotated[
+        int | None, typer.Option(min=1, help="Model replicas (default: one per GPU, or CPUs/2).")
+    ] = None,
+    use_gpu: GpuOption = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier validation in --out (only its own outputs).")
+    ] = False,
+    address: AddressOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """External validation in one command: ingest, score, evaluate against the labels and the rules, report."""
+    from lvm_ray.ingest import IngestOptions
+    from lvm_ray.model import CheckpointError
+    from lvm_ray.ray_utils import ClusterError
+    from lvm_ray.score import ScoringError
+    from lvm_ray.store import StoreError
+    from lvm_ray.validate import format_summary
+    from lvm_ray.validate import validate as run_validate
+
+    _setup_logging(verbose)
+    options = IngestOptions(numpy_sample_rate_hz=sample_rate, reject_flagged=strict)
+    try:
+        outputs = run_validate(
+            exports,
+            labels,
+            checkpoint,
+            out,
+            lvh_column=lvh_column,
+            address=address,
+            overwrite=overwrite,
+            options=options,
+            batch_size=batch_size,
+            num_actors=num_actors,
+            use_gpu=use_gpu,
+            verbose=verbose,
+            progress=_progress("ingest"),
+            echo=typer.echo,
+        )
+    except (FileNotFoundError, ValueError, StoreError, ScoringError, CheckpointError, ClusterError) as exc:
+        _fail(_one_line(exc))
+    typer.echo(format_summary(outputs, out))
 
 
 def main() -> None:  # pragma: no cover - console entry point

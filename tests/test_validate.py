@@ -1,0 +1,275 @@
+"""`lvm-ray validate`: the bundled sample exports + a labels table -> data, predictions, evaluation, report.
+
+The truth each run is held to comes from elsewhere: what `ingest` alone stores and quarantines from
+the same exports, LVH computed here from the made-up CMR masses (Mosteller BSA, 72/55 g/m2), and
+c-statistics recomputed here with scikit-learn from the predictions validate wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from lvm_ray import store
+from lvm_ray.cli import app
+from lvm_ray.demo import BUNDLED_SAMPLES
+from lvm_ray.ingest import ingest
+from lvm_ray.score import read_predictions
+from tests.helpers import tiny_checkpoint
+from tests.test_report import _assert_not_blank, _chromium, _parse
+
+SOURCES = [str(BUNDLED_SAMPLES / "ptbxl"), str(BUNDLED_SAMPLES / "formats")]
+HEIGHT_CM, WEIGHT_KG = 170.0, 75.0
+BSA = np.sqrt(HEIGHT_CM * WEIGHT_KG / 3600.0)  # Mosteller, written out here
+THRESHOLD = {"M": 72.0, "F": 55.0}
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory) -> tuple[object, list[str]]:
+    """What ingest alone (in-process, no Ray) makes of the bundled samples: stored ids and the quarantine."""
+    out = tmp_path_factory.mktemp("ingest_alone") / "data"
+    result = ingest(SOURCES, str(out))
+    ids = store.read_table(str(out), columns=["ecg_id"]).column("ecg_id").to_pylist()
+    assert result.n_quarantined > 0 and len(ids) >= 8  # the samples include bad records; enough to evaluate
+    return result, ids
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("run") / "run"))
+
+
+def cmr_labels(ids: list[str]) -> pd.DataFrame:
+    """Made-up CMR LV masses for all stored ECGs but the last, straddling both sexes' LVH thresholds."""
+    labelled = ids[:-1]
+    masses = [150.0, 80.0, 200.0, 90.0, 130.0, 70.0, 180.0, 100.0, 160.0, 75.0][: len(labelled)]
+    sexes = ["M", "F"] * (len(labelled) // 2 + 1)
+    table = pd.DataFrame(
+        {
+            "ecg_id": labelled,
+            "lv_mass_g": masses,
+            "sex": sexes[: len(labelled)],
+            "height_cm": HEIGHT_CM,
+            "weight_kg": WEIGHT_KG,
+        }
+    )
+    # A row for a recording that is not in the exports: matched to nothing, evaluated nowhere.
+    return pd.concat([table, pd.DataFrame({"ecg_id": ["not-an-ecg"], "lv_mass_g": [300.0], "sex": ["M"]})])
+
+
+def run_validate(*args: str) -> object:
+    return CliRunner().invoke(app, ["validate", *SOURCES, *args])
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def screenshot_is_drawn(html: Path, tmp_path: Path) -> None:
+    """Headless Chromium draws the report: the screenshot is neither blank nor text only."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Chromium not installed (apt-get install chromium); CI installs it and runs this check")
+    shot = tmp_path / "validate.png"
+    command = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1200,3000",
+        html.resolve().as_uri(),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert shot.exists(), f"Chromium wrote no screenshot (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    image = Image.open(shot)
+    _assert_not_blank(image, "Chromium screenshot of the validation report")
+    assert (np.asarray(image.convert("L"), dtype=float) < 240).mean() > 0.03  # figures, not just text
+
+
+def test_validate_with_cmr_labels(ray_cluster, ingested, checkpoint, tmp_path) -> None:
+    result, ids = ingested
+    labels = cmr_labels(ids)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "validation"
+    args = ["--labels", str(tmp_path / "labels.csv"), "--checkpoint", checkpoint, "--out", str(out)]
+
+    first = run_validate(*args)
+    assert first.exit_code == 0, first.output
+    outputs = json.loads((out / "outputs.json").read_text())
+    for name, path in outputs["paths"].items():
+        assert Path(path).exists(), name
+    # validate's ingest is the ingest stage: same ECGs stored, same records quarantined for the same reasons.
+    counts = outputs["ingest"]
+    assert counts["stored"] == result.n_stored == len(ids)
+    assert counts["quarantined"] == result.n_quarantined == len(store.read_quarantine(str(out / "data")))
+    assert counts["quarantine_by_reason"] == result.quarantine_by_reason
+    assert counts["labelled"] == len(ids) - 1
+    assert sorted(read_predictions(str(out / "predictions"))["ecg_id"]) == sorted(ids)
+
+    metrics = json.loads(Path(outputs["paths"]["metrics"]).read_text())
+    truth = labels[labels["ecg_id"].isin(ids)]
+    expected_lvh = int((truth["lv_mass_g"] / BSA > truth["sex"].map(THRESHOLD)).sum())
+    assert metrics["n"] == outputs["evaluation"]["n"] == len(truth) == len(ids) - 1
+    assert metrics["exclusions"] == {"missing_lv_mass_g": 1}
+    assert metrics["reference"] == "cmr_lvmi" and 0 < metrics["n_lvh"] == expected_lvh < len(truth)
+    pairs = pd.read_parquet(out / "evaluation" / "pairs.parquet").set_index("ecg_id")
+    np.testing.assert_allclose(pairs.loc[truth["ecg_id"], "lv_mass_g"], truth["lv_mass_g"])
+    np.testing.assert_allclose(pairs["bsa_m2"], BSA)
+    predictions = read_predictions(str(out / "predictions")).set_index("ecg_id").loc[truth["ecg_id"]]
+    lvh = (truth["lv_mass_g"] / BSA > truth["sex"].map(THRESHOLD)).to_numpy()
+    auc = roc_auc_score(lvh, predictions["lv_mass_pred_g"] / BSA)
+    assert metrics["c_statistics"]["lvm_ai_lvmi"]["auc"] == pytest.approx(auc, abs=1e-12)
+
+    report = Path(outputs["paths"]["report"])
+    parsed = _parse(report)
+    assert {img["id"] for img in parsed.images} == {"fig-scatter", "fig-bland-altman", "fig-roc"}
+    text = " ".join(parsed.text)
+    assert "Any ECG rule" in text and outputs["model_version"] in text
+    screenshot_is_drawn(report, tmp_path)
+
+    # A re-run resumes: the dataset is reused (not re-read) and every ECG is already scored.
+    manifest = (out / "data" / "manifest.json").read_text()
+    again = run_validate(*args)
+    assert again.exit_code == 0, again.output
+    assert "reused" in again.output and f"0 scored now, {len(ids)} already there" in again.output
+    assert (out / "data" / "manifest.json").read_text() == manifest
+
+    # Another model's validation is not mixed in: refused before anything runs, one line.
+    other = tiny_checkpoint(str(tmp_path / "other_run"), seed=1)
+    mixed = run_validate(*args[:2], "--checkpoint", other, "--out", str(out))
+    assert mixed.exit_code == 2 and len(error_lines(mixed.output)) == 1
+    assert "holds a validation of another model" in mixed.output
+
+    # --overwrite redoes it all and replaces only validate's own outputs: a user's file stays.
+    (out / "my-notes.txt").write_text("keep me")
+    redone = run_validate(*args[:2], "--checkpoint", other, "--out", str(out), "--overwrite")
+    assert redone.exit_code == 0, redone.output
+    assert (out / "my-notes.txt").read_text() == "keep me"
+    assert f"{len(ids)} scored now" in redone.output
+    assert json.loads((out / "outputs.json").read_text())["model_version"] != outputs["model_version"]
+
+
+def test_validate_with_an_lvh_column_and_no_cmr_mass(ray_cluster, ingested, checkpoint, tmp_path) -> None:
+    """PTB-XL-like labels: a cardiologist's LVH statement, no LV mass (and, in PTB-XL, mostly no height)."""
+    _, ids = ingested
+    metadata = pd.read_csv(BUNDLED_SAMPLES / "ptbxl" / "metadata.csv")
+    ptbxl = dict(zip(metadata["record_id"].astype(str), metadata["lvh"], strict=True))
+    others = [i for i in ids if i not in ptbxl]
+    made_up = {ecg_id: float(k % 2 == 0) for k, ecg_id in enumerate(others[:-1])}  # the last: no label
+    labels = pd.DataFrame({"ecg_id": list(ptbxl) + list(made_up), "lvh": list(ptbxl.values()) + list(made_up.values())})
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "validation"
+    done = run_validate(
+        "--labels", str(tmp_path / "labels.csv"), "--checkpoint", checkpoint, "--out", str(out), "--lvh-column", "lvh"
+    )
+    assert done.exit_code == 0, done.output
+    outputs = json.loads((out / "outputs.json").read_text())
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert metrics["n"] == len(labels) == len(ids) - 1
+    assert metrics["exclusions"] == {"missing_lvh_label": 1}
+    assert metrics["reference"] == "lvh_column" and metrics["n_lvh"] == int(labels["lvh"].sum())
+    assert metrics["pearson_r"] is None and metrics["mae_g"] is None  # no CMR mass: skipped, not invented
+    assert any("No CMR LV mass" in note for note in metrics["notes"])
+
+    predictions = read_predictions(str(out / "predictions")).set_index("ecg_id").loc[labels["ecg_id"]]
+    # PTB-XL records carry no height: no BSA, so the continuous score is predicted LV mass.
+    assert predictions["lvmi_pred"].isna().any() and metrics["continuous_score"] == "lv_mass_pred_g"
+    y = labels["lvh"].to_numpy() == 1
+    auc = roc_auc_score(y, predictions["lv_mass_pred_g"])
+    assert metrics["c_statistics"]["lvm_ai_lvmi"]["auc"] == pytest.approx(auc, abs=1e-12)
+    assert outputs["evaluation"]["c_statistics"]["lvm_ai_lvmi"] == pytest.approx(auc, abs=1e-12)
+    rule = predictions["lvh_any_rule"]
+    known = rule.notna().to_numpy()
+    if 0 < y[known].sum() < known.sum():
+        expected = roc_auc_score(y[known], rule[known].astype(float))
+        assert metrics["c_statistics"]["any_rule"]["auc"] == pytest.approx(expected, abs=1e-12)
+
+    parsed = _parse(out / "report.html")
+    assert {img["id"] for img in parsed.images} == {"fig-roc"}  # nothing to plot against a CMR mass
+    text = " ".join(parsed.text)
+    assert "Reference LVH: the labels' column lvh" in text and "No CMR LV mass" in text
+
+
+@pytest.fixture()
+def no_ray(monkeypatch):
+    """A tripwire: these mistakes must be reported before validate connects to Ray."""
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("validate started Ray before checking its arguments")
+
+    monkeypatch.setattr("lvm_ray.ray_utils.ensure_connected", tripwire)
+
+
+@pytest.mark.parametrize(
+    ("table", "extra", "message"),
+    [
+        ("ok", ["--checkpoint", "{tmp}/no-such-run"], "no checkpoint at"),
+        ("missing", [], "labels table not found"),
+        ("no_reference", [], "has no lv_mass_g column (CMR LV mass) and no --lvh-column"),
+        ("no_id", [], "needs an ecg_id or patient_id column"),
+        ("likelihood", ["--lvh-column", "lvh_likelihood"], "must hold an LVH label"),
+        ("likelihood", ["--lvh-column", "lvh_statement"], "is not a column of labels table"),
+        ("ok", ["--exports-missing"], "ECG source not found"),
+    ],
+)
+def test_wrong_arguments_give_one_line_before_ray(no_ray, checkpoint, tmp_path, table, extra, message) -> None:
+    tables = {
+        "ok": pd.DataFrame({"ecg_id": ["1"], "lv_mass_g": [120.0]}),
+        "no_reference": pd.DataFrame({"ecg_id": ["1"], "age": [60]}),
+        "no_id": pd.DataFrame({"record": ["1"], "lv_mass_g": [120.0]}),
+        "likelihood": pd.DataFrame({"ecg_id": ["1", "2"], "lvh_likelihood": [0.0, 35.0]}),
+    }
+    labels = tmp_path / "labels.csv"
+    if table in tables:
+        tables[table].to_csv(labels, index=False)
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    sources = [*SOURCES, str(tmp_path / "no-such-export")] if "--exports-missing" in extra else SOURCES
+    extra = [e for e in extra if e != "--exports-missing"]
+    command = ["validate", *sources, "--labels", str(labels), "--checkpoint", checkpoint, "--out", str(tmp_path / "v")]
+    result = CliRunner().invoke(app, [*command, *extra])
+    assert result.exit_code == 2, result.output
+    lines = error_lines(result.output)
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "v").exists()  # nothing written
+
+
+def test_refuses_a_folder_of_user_files(no_ray, checkpoint, tmp_path) -> None:
+    pd.DataFrame({"ecg_id": ["1"], "lv_mass_g": [120.0]}).to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.docx").write_text("years of work")
+    result = run_validate("--labels", str(tmp_path / "labels.csv"), "--checkpoint", checkpoint, "--out", str(out))
+    assert result.exit_code == 2 and "already holds files that are not lvm-ray's" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.docx"]
+    inside = run_validate(
+        "--labels", str(tmp_path / "labels.csv"), "--checkpoint", checkpoint, "--out", f"{SOURCES[1]}/validation"
+    )
+    assert inside.exit_code == 2 and "is (or is inside) the input" in inside.output
+
+
+def test_labels_that_match_no_ecg_give_one_line(ray_cluster, checkpoint, tmp_path) -> None:
+    """ids from another numbering (e.g. file names with their suffix): caught after ingest, before scoring."""
+    pd.DataFrame({"ecg_id": ["ecg_0001.xml", "ecg_0002.xml"], "lv_mass_g": [120.0, 150.0]}).to_csv(
+        tmp_path / "labels.csv", index=False
+    )
+    out = tmp_path / "validation"
+    result = run_validate("--labels", str(tmp_path / "labels.csv"), "--checkpoint", checkpoint, "--out", str(out))
+    assert result.exit_code == 2
+    lines = error_lines(result.output)
+    assert len(lines) == 1 and "matched none of the" in lines[0] and "'ecg_0001.xml'" in lines[0]
+    assert not (out / "predictions").exists()  # nothing was scored
