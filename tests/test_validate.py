@@ -21,9 +21,11 @@ from typer.testing import CliRunner
 from lvm_ray import store
 from lvm_ray.cli import app
 from lvm_ray.demo import BUNDLED_SAMPLES
+from lvm_ray.evaluate import evaluate
 from lvm_ray.ingest import ingest
 from lvm_ray.score import read_predictions
 from tests.helpers import tiny_checkpoint
+from tests.test_evaluate import make_predictions
 from tests.test_report import _assert_not_blank, _chromium, _parse
 
 SOURCES = [str(BUNDLED_SAMPLES / "ptbxl"), str(BUNDLED_SAMPLES / "formats")]
@@ -98,6 +100,42 @@ def screenshot_is_drawn(html: Path, tmp_path: Path) -> None:
     image = Image.open(shot)
     _assert_not_blank(image, "Chromium screenshot of the validation report")
     assert (np.asarray(image.convert("L"), dtype=float) < 240).mean() > 0.03  # figures, not just text
+
+
+def test_evaluate_against_an_lvh_column(tmp_path) -> None:
+    """evaluate(lvh_column=): the labels' LVH is the reference where there is no CMR LV mass."""
+    frame = make_predictions(n=600, seed=4)
+    frame["echo_lvh"] = (frame["lv_mass_g"] / frame["bsa_m2"] > frame["sex"].map(THRESHOLD)).astype(int)
+    y = frame["echo_lvh"].to_numpy() == 1
+    cmr = evaluate(frame, str(tmp_path / "cmr"))
+    no_mass = frame.drop(columns=["lv_mass_g"])
+    by_column = evaluate(no_mass, str(tmp_path / "column"), lvh_column="echo_lvh")
+    assert by_column["reference"] == "lvh_column" and by_column["continuous_score"] == "lvmi_pred"
+    # The column holds exactly CMR LVH here, so every c-statistic and DeLong P is the CMR evaluation's.
+    assert by_column["c_statistics"] == cmr["c_statistics"] and by_column["delong_p"] == cmr["delong_p"]
+    assert by_column["c_statistics"]["lvm_ai_lvmi"]["auc"] == pytest.approx(roc_auc_score(y, frame["lvmi_pred"]))
+    assert by_column["pearson_r"] is None and by_column["bland_altman"]["n"] == 0
+
+    # With CMR mass present, CMR LVH stays the reference (the paper's), and a note says the column is unused.
+    both = evaluate(frame.assign(echo_lvh=1 - frame["echo_lvh"]), str(tmp_path / "both"), lvh_column="echo_lvh")
+    assert both["reference"] == "cmr_lvmi" and both["c_statistics"] == cmr["c_statistics"] and both["notes"]
+
+    # Half the BSAs unknown: one continuous score for all (predicted LV mass); LVM-AI LVH where it is known.
+    part = no_mass.copy()
+    part.loc[::2, ["bsa_m2", "lvmi_pred"]] = np.nan
+    m = evaluate(part, str(tmp_path / "part"), lvh_column="echo_lvh")
+    known = np.arange(len(part)) % 2 == 1
+    assert m["continuous_score"] == "lv_mass_pred_g" and m["n"] == len(part)
+    assert m["c_statistics"]["lvm_ai_lvmi"]["auc"] == pytest.approx(roc_auc_score(y, part["lv_mass_pred_g"]))
+    call = frame["lvh_pred"].to_numpy(dtype=float)
+    assert m["c_statistics"]["lvm_ai_lvh"]["auc"] == pytest.approx(roc_auc_score(y[known], call[known]))
+    assert m["binary_calls"]["lvm_ai_lvh"]["n"] == known.sum() == m["binary_calls"]["lvm_ai_lvh"]["n_not_measurable"]
+    assert len(m["notes"]) == 3
+    table = (tmp_path / "part" / "table.md").read_text()
+    assert "LVM-AI (predicted LV mass, continuous)" in table and "Note: Predicted LVMI needs a BSA" in table
+
+    with pytest.raises(ValueError, match="column 'lvh_likelihood' must hold an LVH label"):
+        evaluate(no_mass.assign(lvh_likelihood=35.0), str(tmp_path / "bad"), lvh_column="lvh_likelihood")
 
 
 def test_validate_with_cmr_labels(ray_cluster, ingested, checkpoint, tmp_path) -> None:
@@ -273,3 +311,37 @@ def test_labels_that_match_no_ecg_give_one_line(ray_cluster, checkpoint, tmp_pat
     lines = error_lines(result.output)
     assert len(lines) == 1 and "matched none of the" in lines[0] and "'ecg_0001.xml'" in lines[0]
     assert not (out / "predictions").exists()  # nothing was scored
+
+
+@pytest.mark.slow
+def test_validate_an_imported_keras_model(ray_cluster, ingested, tmp_path) -> None:
+    """The released-model workflow: `lvm-ray import-keras` an ML4H .h5, then validate; the masses are Keras's."""
+    import hashlib
+
+    kt = pytest.importorskip("tests.test_keras_import")  # the published architecture built in Keras 3 (torch)
+    result, ids = ingested
+    table = store.read_table(result.out)
+    ecg, order = store.ecg_array(table), table.column("ecg_id").to_pylist()
+    n = len(order)
+    meta = {"sex": np.array(["M", "F"] * n, dtype=object)[:n], "age": np.full(n, 60.0), "bmi": np.full(n, 25.0)}
+    model = kt.ml4h_model(covariates=False, seed=3)
+    kt.spread_heads(model, ecg, meta)
+    h5 = tmp_path / "ecg_rest_raw_lvm_symmetric_loss.h5"
+    model.save(str(h5))
+    (z,) = kt.keras_predict(kt.keras.saving.load_model(str(h5), compile=False), ecg, meta)
+    keras_grams = pd.Series(z[:, 0] * kt.LVM_SD + kt.LVM_MEAN, index=order)
+    assert keras_grams.std() > 15.0  # predictions that differ, or agreement would prove nothing
+
+    run = tmp_path / "ml4h_run"
+    assert CliRunner().invoke(app, ["import-keras", str(h5), "--run", str(run)]).exit_code == 0
+    cmr_labels(ids).to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "validation"
+    done = run_validate("--labels", str(tmp_path / "labels.csv"), "--checkpoint", str(run), "--out", str(out))
+    assert done.exit_code == 0, done.output
+
+    outputs = json.loads((out / "outputs.json").read_text())
+    assert outputs["model_provenance"]["source_sha256"] == hashlib.sha256(h5.read_bytes()).hexdigest()
+    predictions = read_predictions(str(out / "predictions")).set_index("ecg_id")
+    np.testing.assert_allclose(predictions.loc[order, "lv_mass_pred_g"], keras_grams.loc[order], atol=0.05, rtol=0)
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert metrics["n"] == len(ids) - 1 and metrics["pearson_r"] is not None
