@@ -9,6 +9,8 @@ optional ``address`` and call :func:`ensure_connected` themselves; nothing else 
 - ``use_gpu=True``: request GPUs and wait for the autoscaler to bring GPU nodes up; an error,
   naming the cluster's resources, only when the cluster can never provide one (an embedded
   local Ray without a GPU, or an autoscaling cluster with no GPU node type).
+- Either way, asking for more GPU workers than the cluster can ever have is an error, not an
+  endless wait (tests/test_gpu_cluster.py shows the wait and the placement on a GPU node).
 
 See docs/architecture.md, "One rule for Ray".
 """
@@ -91,7 +93,8 @@ def ensure_connected(
     """
     if ray.is_initialized():
         return
-    address = address or os.environ.get("LVM_RAY_ADDRESS") or None
+    # Inside `ray job submit` the job's cluster is in RAY_ADDRESS: join it rather than start another.
+    address = address or os.environ.get("LVM_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS") or None
     quiet = {
         "configure_logging": False,
         "logging_config": ray.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
@@ -105,7 +108,7 @@ def ensure_connected(
             logging.getLogger(name).setLevel(logging.WARNING)
         # "Token authentication is enabled" is a notice, not a problem: keep it in the logs.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    if address:
+    if address and address != "local":  # "local" (as in Ray) means: start our own
         target = _host_port(address)
         if target is not None:
             _probe(*target, timeout_s)
@@ -117,7 +120,10 @@ def ensure_connected(
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     # The dashboard (on 127.0.0.1) serves the State API that Ray Train's cleaner polls.
+    # address="local": a new Ray of our own, never one that `ray start` (or another program's
+    # Ray) left registered on this machine.
     ray.init(
+        address="local",
         num_cpus=cpus,
         object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
         include_dashboard=True,
@@ -162,40 +168,58 @@ def gpus_now() -> int:
 
 
 def max_gpus() -> int | None:
-    """GPUs the cluster could ever offer: its autoscaler's node types, or None when unknown."""
+    """GPUs the cluster could ever offer, or None when that is unknown.
+
+    An embedded local Ray has a fixed size (the GPUs it has now). Otherwise the autoscaler's node
+    types as published to the GCS, at least what the cluster has now; None when no autoscaler
+    published them (a static cluster whose nodes join by hand, or an autoscaler that does not
+    publish its node types; KubeRay's and the cluster launcher's in Ray 2.60 do not).
+    """
+    have = gpus_now()
+    if is_embedded():
+        return have
     try:
         limits = ray._private.state.state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - no autoscaler state on static clusters
         limits = None
     if limits is None:
-        return 0 if is_embedded() else None
-    return int(limits.get("GPU", 0))
+        return None
+    return max(have, int(limits.get("GPU", 0)))
 
 
 def resolve_gpu(use_gpu: bool | None, workers: int = 1, stage: str = "this stage") -> bool:
-    """The GPU policy of every stage (see the module docstring). Call after :func:`ensure_connected`."""
+    """The GPU policy of every stage (see the module docstring). Call after :func:`ensure_connected`.
+
+    ``workers`` is how many GPUs the stage asks for (one per worker or actor). When they are not
+    all there yet, prints one line saying that the stage waits for them: Ray Train and Ray Data
+    keep their GPU requests pending (the autoscaler's demand) until nodes with GPUs join.
+    """
     if use_gpu is False:
         return False
     have, ceiling = gpus_now(), max_gpus()
-    if have >= 1 or (ceiling or 0) >= 1:
-        if have < workers:
-            print(
-                f"[lvm-ray] {stage}: waiting for {workers} GPU worker(s) ({have} GPU in the cluster now; "
-                "the autoscaler adds GPU nodes on demand, which can take minutes)",
-                flush=True,
-            )
-        return True
-    if use_gpu is None:
-        return False
-    if ceiling is None:
-        # A cluster without an autoscaler config (e.g. nodes added by hand): ask, and wait.
+    if ceiling == 0:
+        if use_gpu is None:
+            return False
+        raise ClusterError(f"--use-gpu: this Ray cluster has no GPU and cannot add one ({describe_cluster()})")
+    if ceiling is None and have == 0 and use_gpu is None:
+        return False  # nothing says a GPU will ever come: the default stays on CPUs
+    if ceiling is not None and ceiling < workers:
+        raise ClusterError(
+            f"{stage}: {workers} GPU workers asked for, but this Ray cluster can have at most {ceiling} GPU(s) "
+            f"({describe_cluster()}); lower --num-workers, or --no-gpu for CPUs"
+        )
+    if have < workers:
+        how = (
+            "the autoscaler adds GPU nodes on demand, which can take minutes"
+            if ceiling is not None
+            else "GPU nodes that join the cluster (autoscaled or started by hand) are used as they come"
+        )
         print(
-            f"[lvm-ray] {stage}: waiting for {workers} GPU worker(s); the cluster has no GPU yet "
-            f"({describe_cluster()})",
+            f"[lvm-ray] {stage}: waiting for {workers} GPU worker(s) ({have} GPU in the cluster now; {how}) "
+            f"[{describe_cluster()}]",
             flush=True,
         )
-        return True
-    raise ClusterError(f"--use-gpu: this Ray cluster has no GPU and cannot add one ({describe_cluster()})")
+    return True
 
 
 def read_ecg_dataset(

@@ -1,0 +1,251 @@
+"""--use-gpu on a cluster without GPUs yet: train and score wait for GPU nodes, then land on them.
+
+Each scenario runs this file as a script in its own process (its own Ray cluster, built with
+``ray.cluster_utils.Cluster``): a head with CPUs and no GPU and no autoscaler config, like a
+KubeRay cluster whose GPU group idles at 0 pods. The real job entrypoint (jobs/train.py or
+jobs/score.py, as a RayJob runs them) is started against it with ``--use-gpu``; the script checks
+that it prints the wait line and asks Ray for GPUs (the demand an autoscaler acts on) instead of
+starting CPU workers, then adds a node with 2 fake GPUs and checks that the Ray Train workers
+(the predictor actor) are placed on that node. It stops there: torch sees no CUDA device here.
+
+On an embedded local Ray (fixed size, no GPU), ``train --use-gpu`` fails at once in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULT = "RESULT "
+#: Resource the fake GPU node carries, so the test can tell it apart.
+GPU_NODE_MARKER = "fake_gpu_node"
+
+# --------------------------------------------------------------------------------------------
+# the scenario (runs as a script: `python tests/test_gpu_cluster.py train|score WORKDIR`)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Output:
+    """Lines of a child process, collected by a thread."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def find(self, text: str) -> str | None:
+        return next((line for line in self.lines if text in line), None)
+
+
+def _wait_for(what: str, check: Any, timeout_s: float, proc: subprocess.Popen[str], out: _Output) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise RuntimeError(f"the job exited ({proc.returncode}) before {what}:\n" + "\n".join(out.lines[-40:]))
+        time.sleep(0.5)
+    raise RuntimeError(f"timed out after {timeout_s:g} s waiting for {what}:\n" + "\n".join(out.lines[-40:]))
+
+
+def _actors(name_part: str) -> list[dict[str, Any]]:
+    """Actors whose class name contains ``name_part``: state and node (GCS actor table, any state)."""
+    import ray
+
+    return [
+        {"class": a["ActorClassName"], "state": a["State"], "node": a["Address"]["NodeID"]}
+        for a in ray._private.state.actors().values()
+        if name_part in a["ActorClassName"]
+    ]
+
+
+def _gpu_demand() -> list[dict[str, float]]:
+    """Pending resource requests with a GPU in them (what an autoscaler would add nodes for)."""
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    demand = status.resource_demands
+    bundles = [b.bundle for d in demand.placement_group_demand for b in d.bundles_by_count]
+    bundles += [b.bundle for d in demand.ray_task_actor_demand for b in d.bundles_by_count]
+    return [dict(b) for b in bundles if b.get("GPU", 0) > 0]
+
+
+def _scenario(stage: str, workdir: Path) -> dict[str, Any]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from lvm_ray.model import build_model, save_checkpoint
+    from lvm_ray.presets import get_preset
+    from lvm_ray.synth import write_cohort
+
+    data = str(workdir / "cohort")
+    write_cohort(240, 5, data, chunk_size=120)
+    if stage == "train":
+        args = ["--run", str(workdir / "run"), "--preset", "lvm-cpu", "--num-workers", "2", "--max-epochs", "1"]
+        workers, actor_class = 2, "RayTrainWorker"
+    else:
+        checkpoint = str(workdir / "model.pt")
+        save_checkpoint(checkpoint, build_model(get_preset("lvm-cpu")), get_preset("lvm-cpu"))
+        args = ["--checkpoint", checkpoint, "--out", str(workdir / "predictions")]
+        workers, actor_class = 1, "ScoreBatch"
+
+    # A CPU-only head, no autoscaler config: the GPUs can only come from nodes that join later.
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "num_gpus": 0, "dashboard_port": _free_port()},
+    )
+    gpu_node = None
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+    head_id = ray.get_runtime_context().get_node_id()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("LVM_RAY_ADDRESS", None)
+    command = [sys.executable, f"jobs/{stage}.py", "--data", data, *args, "--use-gpu", "--address", cluster.address]
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # killed as a group: the driver and anything it started
+    )
+    out = _Output(proc)
+    try:
+        wait_line = _wait_for(
+            "the wait message", lambda: out.find(f"waiting for {workers} GPU worker(s)"), 240, proc, out
+        )
+        demand = _wait_for("a pending GPU request", _gpu_demand, 240, proc, out)
+        time.sleep(3)  # long enough for a CPU fallback to have shown up
+        before = _actors(actor_class)
+
+        gpu_node = cluster.add_node(num_gpus=2, num_cpus=2, resources={GPU_NODE_MARKER: 2})
+
+        def placed() -> list[dict[str, Any]]:
+            found = [a for a in _actors(actor_class) if a["node"] == gpu_node.node_id]
+            return found if len(found) >= workers else []
+
+        placed_actors = _wait_for(f"{workers} {actor_class} actor(s) on the GPU node", placed, 240, proc, out)
+        groups = [
+            {"bundles": list(pg["bundles"].values()), "nodes": sorted(set(pg["bundles_to_node_id"].values()))}
+            for pg in ray.util.placement_group_table().values()
+            if pg["state"] == "CREATED" and any(b.get("GPU", 0) for b in pg["bundles"].values())
+        ]
+        return {
+            "wait_line": wait_line,
+            "demand": demand,
+            "actors_before_gpu_node": before,
+            "placed": placed_actors,
+            "gpu_placement_groups": groups,
+            "gpu_node": gpu_node.node_id,
+            "head": head_id,
+            "job_running": proc.poll() is None,
+            "output": out.lines[-40:],
+        }
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        ray.shutdown()
+        if gpu_node is not None:
+            cluster.remove_node(gpu_node, allow_graceful=False)
+        cluster.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# the tests
+
+
+def _run_scenario(stage: str, tmp_path: Path) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, __file__, stage, str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+    assert proc.returncode == 0 and lines, f"rc {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len(RESULT) :])
+
+
+@pytest.mark.slow
+def test_train_use_gpu_waits_for_gpu_nodes_and_places_its_workers_there(tmp_path: Path) -> None:
+    result = _run_scenario("train", tmp_path)
+    # It said it waits, and asked Ray for 2 x (1 CPU + 1 GPU): the autoscaler's cue.
+    assert "[lvm-ray] train: waiting for 2 GPU worker(s) (0 GPU in the cluster now" in result["wait_line"]
+    assert [b for b in result["demand"] if b.get("GPU") == 1.0], result["demand"]
+    # No fallback: no training worker started before a GPU node existed.
+    assert result["actors_before_gpu_node"] == [], result["actors_before_gpu_node"]
+    # Once the GPU node joined, both workers (and their GPU bundles) are on it, none on the head.
+    assert len(result["placed"]) == 2 and all(a["node"] == result["gpu_node"] for a in result["placed"])
+    assert result["gpu_placement_groups"], result
+    for group in result["gpu_placement_groups"]:
+        assert group["nodes"] == [result["gpu_node"]] and len(group["bundles"]) == 2, group
+        assert all(b["GPU"] == 1.0 for b in group["bundles"]), group
+    assert not any("falling back" in line.lower() or "Traceback" in line for line in result["output"])
+
+
+@pytest.mark.slow
+def test_score_use_gpu_waits_for_a_gpu_node_and_places_its_predictor_there(tmp_path: Path) -> None:
+    result = _run_scenario("score", tmp_path)
+    assert "[lvm-ray] score: waiting for 1 GPU worker(s) (0 GPU in the cluster now" in result["wait_line"]
+    assert [b for b in result["demand"] if b.get("GPU") == 1.0], result["demand"]
+    # The predictor actor waited (queued, not created) rather than starting on the CPU-only head,
+    # then was created on the GPU node.
+    assert all(a["state"] == "PENDING_CREATION" for a in result["actors_before_gpu_node"]), result
+    assert result["placed"] and all(a["node"] == result["gpu_node"] for a in result["placed"]), result
+
+
+@pytest.mark.slow
+def test_train_use_gpu_on_a_laptop_without_gpu_fails_in_one_line(tmp_path: Path) -> None:
+    """An embedded local Ray can never have a GPU: the CLI exits non-zero with one line naming
+    the cluster's resources, before any training starts, without a traceback."""
+    from lvm_ray.synth import write_cohort
+
+    data = str(tmp_path / "cohort")
+    write_cohort(120, 6, data, chunk_size=120)
+    env = {k: v for k, v in os.environ.items() if k != "LVM_RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", "--data", data, "--run", str(tmp_path / "run"), "--use-gpu"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    (error,) = errors
+    assert error.startswith("error: --use-gpu: this Ray cluster has no GPU and cannot add one (")
+    assert " 0 GPU" in error and " CPU" in error and "embedded local Ray" in error, error
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
+
+
+if __name__ == "__main__":
+    summary = _scenario(sys.argv[1], Path(sys.argv[2]))
+    print(RESULT + json.dumps(summary), flush=True)
