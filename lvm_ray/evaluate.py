@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats as _st
 from sklearn.metrics import roc_curve
 
 from lvm_ray import signals, store
@@ -38,6 +41,7 @@ from lvm_ray.stats import (
     delong_paired_test,
     mae,
     pearson_r_ci,
+    wilson_ci,
 )
 
 #: Binary rule calls the paper compares with LVM-AI: metric NAME -> predictions column.
@@ -115,6 +119,12 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
     "weight_kg",
     "sex",
     "age",
+    "bmi",
+    # From a calibrated checkpoint (lvm_ray.conformal): prediction intervals and P(CMR LVH).
+    "lv_mass_pred_lo_g",
+    "lv_mass_pred_hi_g",
+    "interval_level",
+    "lvh_prob_calibrated",
 )
 
 
@@ -413,6 +423,302 @@ def compute_metrics(
     return metrics, roc
 
 
+# --------------------------------------------------------------------------------------------
+# Prediction intervals, subgroups and calibration (TRIPOD+AI: performance by subgroup, calibration)
+# --------------------------------------------------------------------------------------------
+
+#: Subgroup bands as cut points: (55, 65) gives "<55", "55-65" (55 <= x < 65) and ">=65".
+DEFAULT_BANDS: dict[str, tuple[float, ...]] = {"age": (55.0, 65.0), "bmi": (25.0, 30.0)}
+#: Fewest ECGs in a subgroup for a correlation (and its Fisher-z CI) to be reported.
+MIN_SUBGROUP_N = 10
+#: Bins (equal counts, by prediction) of the calibration tables and the expected calibration error.
+CALIBRATION_BINS = 10
+#: Fewest ECGs (and, for probabilities, events) for a calibration slope.
+MIN_CALIBRATION_N = 20
+SEX_LABELS: dict[str, str] = {"M": "Men", "F": "Women"}
+
+
+def band_labels(cuts: Sequence[float]) -> list[str]:
+    """Labels of the bands between sorted cut points: (55, 65) -> ['<55', '55-65', '>=65']."""
+    cuts = sorted(float(c) for c in cuts)
+    if not cuts:
+        return ["all"]
+    inner = [f"{a:g}-{b:g}" for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    return [f"<{cuts[0]:g}", *inner, f">={cuts[-1]:g}"]
+
+
+def assign_bands(values: Any, cuts: Sequence[float]) -> np.ndarray:
+    """Each value's band label (None where the value is unknown); bands are [lower, upper)."""
+    x = pd.to_numeric(pd.Series(np.asarray(values, dtype=object)), errors="coerce").to_numpy(dtype=float)
+    labels = np.array(band_labels(cuts), dtype=object)
+    index = np.searchsorted(np.sort(np.asarray(cuts, dtype=float)), x, side="right")
+    return np.where(np.isfinite(x), labels[np.minimum(index, len(labels) - 1)], None)
+
+
+def _covered(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(rows with an interval and a CMR mass, CMR mass inside the interval) as boolean arrays."""
+    if not {"lv_mass_pred_lo_g", "lv_mass_pred_hi_g"} <= set(df.columns):
+        return np.zeros(len(df), dtype=bool), np.zeros(len(df), dtype=bool)
+    lo = pd.to_numeric(df["lv_mass_pred_lo_g"], errors="coerce").to_numpy(dtype=float)
+    hi = pd.to_numeric(df["lv_mass_pred_hi_g"], errors="coerce").to_numpy(dtype=float)
+    y = pd.to_numeric(df["lv_mass_g"], errors="coerce").to_numpy(dtype=float)
+    known = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(y)
+    return known, known & (lo <= y) & (y <= hi)
+
+
+def _coverage(known: np.ndarray, inside: np.ndarray) -> dict[str, Any]:
+    n = int(known.sum())
+    if n == 0:
+        return {"n": 0, "coverage": None, "coverage_ci": [None, None]}
+    k = int((known & inside).sum())
+    return {"n": n, "coverage": k / n, "coverage_ci": list(wilson_ci(k, n))}
+
+
+def interval_metrics(df: pd.DataFrame) -> dict[str, Any]:
+    """Coverage (Wilson 95% CI) and width of the LV mass prediction intervals, overall and by sex."""
+    known, inside = _covered(df)
+    out: dict[str, Any] = {"level": None, **_coverage(known, inside), "mean_width_g": None, "median_width_g": None}
+    if not known.any():
+        out["note"] = "no prediction intervals (an uncalibrated checkpoint: `lvm-ray calibrate` adds them)"
+        return out
+    levels = sorted(set(pd.to_numeric(df.loc[known, "interval_level"], errors="coerce").dropna().round(6)))
+    width = (df["lv_mass_pred_hi_g"].astype(float) - df["lv_mass_pred_lo_g"].astype(float)).to_numpy()[known]
+    out.update(
+        {
+            "level": levels[0] if len(levels) == 1 else None,
+            "mean_width_g": float(np.mean(width)),
+            "median_width_g": float(np.median(width)),
+            "n_without_interval": int(len(df) - known.sum()),
+            "by_sex": {s: _coverage(known & (df["sex"] == s).to_numpy(), inside) for s in SEX_LABELS},
+        }
+    )
+    if len(levels) > 1:
+        out["note"] = f"the predictions mix interval levels {levels}: coverage pools them"
+    return out
+
+
+def _c_stat_or_null(y: np.ndarray, score: np.ndarray, ci_method: str) -> dict[str, Any]:
+    ok = np.isfinite(score)
+    y, score = y[ok], score[ok]
+    n_pos = int(y.sum())
+    if not 0 < n_pos < len(y):
+        return {"auc": None, "ci": [None, None], "n": int(len(y)), "note": f"{n_pos} of {len(y)} with LVH: one class"}
+    c = _c_statistic(y, score, ci_method)
+    return {"auc": c["auc"], "ci": c["ci"], "n": c["n"], "n_lvh": c["n_lvh"]}
+
+
+def _subgroup_stats(df: pd.DataFrame, score_column: str, ci_method: str) -> dict[str, Any]:
+    """n, r (CI), MAE, interval coverage and c-statistics of one subgroup; nulls with notes where too small."""
+    n = len(df)
+    if n == 0:
+        c_null = {"auc": None, "ci": [None, None], "n": 0}
+        return {
+            "n": 0,
+            "n_lvh": 0,
+            "pearson_r": None,
+            "pearson_r_ci": [None, None],
+            "mae_g": None,
+            "interval_coverage": None,
+            "interval_coverage_ci": [None, None],
+            "c_statistics": {"lvm_ai_lvmi": c_null, "any_rule": dict(c_null)},
+            "notes": ["no ECG in this subgroup"],
+        }
+    y = df["lvh"].to_numpy(dtype=bool)
+    notes: list[str] = []
+    r, r_ci, n_r = pearson_r_ci(df["lv_mass_pred_g"], df["lv_mass_g"])
+    if n_r < MIN_SUBGROUP_N:
+        r, r_ci = float("nan"), (float("nan"), float("nan"))
+        notes.append(f"pearson_r: {n_r} ECGs with CMR LV mass (at least {MIN_SUBGROUP_N} needed)")
+    known, inside = _covered(df)
+    coverage = _coverage(known, inside)
+    if not coverage["n"]:
+        notes.append("interval_coverage: no ECG with a prediction interval")
+    any_rule = _rule_call(df, RULES["any_rule"])
+    rule = np.full(n, np.nan) if any_rule is None else any_rule.astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+    c_stats = {
+        "lvm_ai_lvmi": _c_stat_or_null(y, df[score_column].to_numpy(dtype=float), ci_method),
+        "any_rule": _c_stat_or_null(y, rule, ci_method),
+    }
+    notes += [f"c_statistics.{k}: {v['note']}" for k, v in c_stats.items() if v.get("note")]
+    return {
+        "n": n,
+        "n_lvh": int(y.sum()),
+        "pearson_r": r,
+        "pearson_r_ci": list(r_ci),
+        "mae_g": mae(df["lv_mass_pred_g"], df["lv_mass_g"]) if n_r else None,
+        "interval_coverage": coverage["coverage"],
+        "interval_coverage_ci": coverage["coverage_ci"],
+        "c_statistics": c_stats,
+        "notes": notes,
+    }
+
+
+def subgroup_metrics(
+    df: pd.DataFrame,
+    lvh_config: LVHConfig = LVHConfig(),
+    bands: Mapping[str, Sequence[float]] | None = None,
+    ci_method: str = "plain",
+    score_column: str = "lvmi_pred",
+) -> dict[str, Any]:
+    """Performance by sex and by bands of age and BMI (``bands``: cut points, default :data:`DEFAULT_BANDS`).
+
+    Every subgroup of every band is reported; one with too few ECGs (or one LVH class) has null
+    statistics and a note saying why. BMI is the labels' own, else weight / height^2 (lvh.derive).
+    """
+    bands = {**DEFAULT_BANDS, **dict(bands or {})}
+    columns = {"age": pd.to_numeric(df.get("age", pd.Series(np.nan, index=df.index)), errors="coerce")}
+    columns["bmi"] = pd.Series(derive(df, lvh_config)["bmi"].to_numpy(), index=df.index)
+    out: dict[str, Any] = {
+        "sex": {s: _subgroup_stats(df[df["sex"] == s], score_column, ci_method) for s in SEX_LABELS},
+    }
+    for name, cuts in bands.items():
+        if name not in columns and name in df.columns:
+            columns[name] = pd.to_numeric(df[name], errors="coerce")
+        if name not in columns:
+            raise ValueError(f"subgroup band {name!r}: the predictions have no such column")
+        labels = assign_bands(columns[name].to_numpy(), cuts)
+        out[name] = {
+            label: _subgroup_stats(df[labels == label], score_column, ci_method) for label in band_labels(cuts)
+        }
+        if pd.isna(labels).any():
+            out[name]["unknown"] = {"n": int(pd.isna(labels).sum()), "note": f"{name} not known"}
+    out["bands"] = {name: sorted(float(c) for c in cuts) for name, cuts in bands.items()}
+    return out
+
+
+def mass_calibration(df: pd.DataFrame, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+    """CMR on predicted LV mass: OLS slope and intercept (95% CIs) and a table by decile of prediction."""
+    pred = pd.to_numeric(df["lv_mass_pred_g"], errors="coerce").to_numpy(dtype=float)
+    cmr = pd.to_numeric(df["lv_mass_g"], errors="coerce").to_numpy(dtype=float)
+    ok = np.isfinite(pred) & np.isfinite(cmr)
+    n = int(ok.sum())
+    if n < MIN_CALIBRATION_N or np.ptp(pred[ok]) == 0:
+        return {"n": n, "slope": None, "intercept": None, "note": f"{n} ECGs with CMR LV mass: too few to fit"}
+    fit = _st.linregress(pred[ok], cmr[ok])
+    t = float(_st.t.ppf(0.975, n - 2))
+    known, inside = _covered(df)
+    table = []
+    frame = pd.DataFrame({"pred": pred[ok], "cmr": cmr[ok], "known": known[ok], "inside": inside[ok]})
+    frame["bin"] = pd.qcut(frame["pred"].rank(method="first"), min(bins, n), labels=False)
+    for b, part in frame.groupby("bin"):
+        coverage = _coverage(part["known"].to_numpy(), part["inside"].to_numpy())
+        table.append(
+            {
+                "bin": int(b) + 1,
+                "n": int(len(part)),
+                "pred_min_g": float(part["pred"].min()),
+                "pred_max_g": float(part["pred"].max()),
+                "pred_mean_g": float(part["pred"].mean()),
+                "cmr_mean_g": float(part["cmr"].mean()),
+                "cmr_mean_ci_g": _mean_ci(part["cmr"].to_numpy()),
+                "interval_coverage": coverage["coverage"],
+                "interval_coverage_ci": coverage["coverage_ci"],
+                "interval_n": coverage["n"],
+            }
+        )
+    return {
+        "n": n,
+        "slope": float(fit.slope),
+        "slope_ci": [float(fit.slope - t * fit.stderr), float(fit.slope + t * fit.stderr)],
+        "intercept": float(fit.intercept),
+        "intercept_ci": [
+            float(fit.intercept - t * fit.intercept_stderr),
+            float(fit.intercept + t * fit.intercept_stderr),
+        ],
+        "model": "OLS of CMR LV mass on predicted LV mass (slope 1, intercept 0: calibrated)",
+        "deciles": table,
+    }
+
+
+def _mean_ci(values: np.ndarray) -> list[float | None]:
+    if len(values) < 2:
+        return [None, None]
+    half = float(_st.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
+    return [float(np.mean(values)) - half, float(np.mean(values)) + half]
+
+
+def probability_calibration(y: Any, prob: Any, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+    """Brier score (and the prevalence-only forecast's), logistic calibration slope and intercept, ECE.
+
+    Slope: logistic regression of the outcome on logit(p) (1 = calibrated, < 1 = too extreme).
+    Intercept: calibration-in-the-large, the intercept with logit(p) as offset (0 = calibrated).
+    ECE: mean |observed - predicted| over ``bins`` equal-count bins of p, weighted by size.
+    """
+    import statsmodels.api as sm
+
+    y = np.asarray(y, dtype=bool)
+    p = pd.to_numeric(pd.Series(np.asarray(prob, dtype=object)), errors="coerce").to_numpy(dtype=float)
+    ok = np.isfinite(p)
+    y, p = y[ok], p[ok]
+    n, events = len(y), int(y.sum())
+    out: dict[str, Any] = {"n": n, "n_lvh": events}
+    if n < MIN_CALIBRATION_N or not 0 < events < n:
+        return {
+            **out,
+            "brier": None,
+            "slope": None,
+            "intercept": None,
+            "ece": None,
+            "note": f"{events} of {n} with LVH",
+        }
+    prevalence = events / n
+    out.update(
+        {
+            "brier": float(np.mean((p - y) ** 2)),
+            "brier_prevalence_only": float(np.mean((prevalence - y) ** 2)),
+            "mean_predicted": float(p.mean()),
+            "prevalence": prevalence,
+        }
+    )
+    out["brier_skill"] = 1.0 - out["brier"] / out["brier_prevalence_only"]
+    logit = np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # perfect separation is reported as a note below
+            slope_fit = sm.GLM(y.astype(float), sm.add_constant(logit), family=sm.families.Binomial()).fit()
+            citl = sm.GLM(y.astype(float), np.ones((n, 1)), family=sm.families.Binomial(), offset=logit).fit()
+        out.update(
+            {
+                "slope": float(slope_fit.params[1]),
+                "slope_ci": [float(v) for v in slope_fit.conf_int()[1]],
+                "intercept": float(citl.params[0]),
+                "intercept_ci": [float(v) for v in citl.conf_int()[0]],
+            }
+        )
+    except (np.linalg.LinAlgError, ValueError, OverflowError) as exc:
+        out.update({"slope": None, "intercept": None, "note": f"logistic calibration not estimable ({exc})"})
+    frame = pd.DataFrame({"p": p, "y": y})
+    frame["bin"] = pd.qcut(frame["p"].rank(method="first"), min(bins, n), labels=False)
+    table = []
+    for b, part in frame.groupby("bin"):
+        k = int(part["y"].sum())
+        table.append(
+            {
+                "bin": int(b) + 1,
+                "n": int(len(part)),
+                "mean_predicted": float(part["p"].mean()),
+                "observed": k / len(part),
+                "observed_ci": list(wilson_ci(k, len(part))),
+            }
+        )
+    out["ece"] = float(sum(row["n"] * abs(row["observed"] - row["mean_predicted"]) for row in table) / n)
+    out["bins"] = table
+    return out
+
+
+def calibration_metrics(df: pd.DataFrame) -> dict[str, Any]:
+    """LV mass calibration, and the calibration of lvh_prob_calibrated (and lvh_prob where present)."""
+    y = df["lvh"].to_numpy(dtype=bool)
+    out: dict[str, Any] = {"lv_mass": mass_calibration(df)}
+    for column in ("lvh_prob_calibrated", "lvh_prob"):
+        if column in df.columns and pd.to_numeric(df[column], errors="coerce").notna().any():
+            out[column] = probability_calibration(y, df[column].to_numpy())
+        elif column == "lvh_prob_calibrated":
+            out[column] = {"n": 0, "brier": None, "slope": None, "intercept": None, "ece": None}
+            out[column]["note"] = "no lvh_prob_calibrated (an uncalibrated checkpoint: `lvm-ray calibrate`)"
+    return out
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
@@ -520,6 +826,7 @@ def evaluate(
     lvh_config: LVHConfig = LVHConfig(),
     ci_method: str = "plain",
     lvh_column: str | None = None,
+    subgroup_bands: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate predictions against CMR labels; write metrics.json, tables and plot data to ``out``.
 
@@ -532,6 +839,10 @@ def evaluate(
     ``lvh_column``: a reference LVH column (0/1, e.g. PTB-XL's cardiologist statement) used when
     no row has a CMR lv_mass_g (:func:`prepare_lvh_reference_frame`); metrics["notes"] says what
     that changes ("reference": "lvh_column").
+
+    Also written: "interval" (coverage of the prediction intervals), "subgroups" (by sex and by
+    bands of age and BMI; ``subgroup_bands`` maps a column to cut points, default
+    :data:`DEFAULT_BANDS`) and "calibration" (LV mass and the LVH probabilities).
     """
     raw = store.read_any_table(
         predictions,
@@ -550,6 +861,14 @@ def evaluate(
         if lvh_column is not None:
             notes.append(f"The labels have CMR LV mass: the reference is CMR LVH; column {lvh_column!r} is not used.")
     metrics, roc = compute_metrics(df, ci_method=ci_method, score_column=score_column)
+    metrics["interval"] = interval_metrics(df)
+    metrics["subgroups"] = subgroup_metrics(df, lvh_config, subgroup_bands, ci_method, score_column)
+    metrics["calibration"] = calibration_metrics(df)
+    if "lvh_prob_calibrated" in df.columns:
+        prob = pd.to_numeric(df["lvh_prob_calibrated"], errors="coerce").to_numpy(dtype=float)
+        c = _c_stat_or_null(df["lvh"].to_numpy(dtype=bool), prob, ci_method)
+        if c["auc"] is not None:
+            metrics["c_statistics_extra"]["lvm_ai_prob_calibrated"] = c
     metrics.update(
         {
             "reference": "lvh_column" if by_column else "cmr_lvmi",

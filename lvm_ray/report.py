@@ -285,9 +285,326 @@ def forest_figure(results: dict[str, Any], label: str) -> Figure:
     return fig
 
 
+def _subgroup_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, statistics) of each subgroup in metrics["subgroups"], in display order."""
+    groups = metrics.get("subgroups") or {}
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for sex, label in (("M", "Men"), ("F", "Women")):
+        if sex in groups.get("sex", {}):
+            rows.append((label, groups["sex"][sex]))
+    for name, title in (("age", "Age"), ("bmi", "BMI")):
+        for band, stats in (groups.get(name) or {}).items():
+            if band != "unknown":
+                rows.append((f"{title} {band}", stats))
+    for name, bands in groups.items():  # further bands a user configured
+        if name not in ("sex", "age", "bmi", "bands") and isinstance(bands, dict):
+            rows += [(f"{name} {band}", stats) for band, stats in bands.items() if band != "unknown"]
+    return rows
+
+
+def subgroup_forest_figure(metrics: dict[str, Any]) -> Figure:
+    """Pearson r and the c-statistic of predicted LVMI (95% CIs) in each subgroup, the whole cohort on top."""
+    overall = {
+        "n": metrics.get("n"),
+        "pearson_r": metrics.get("pearson_r"),
+        "pearson_r_ci": metrics.get("pearson_r_ci"),
+        "c_statistics": {"lvm_ai_lvmi": (metrics.get("c_statistics") or {}).get("lvm_ai_lvmi") or {}},
+    }
+    rows = [("All", overall), *_subgroup_rows(metrics)]
+    fig = Figure(figsize=(8.5, 0.42 * len(rows) + 1.6))
+    axes = fig.subplots(1, 2, sharey=True)
+    y = np.arange(len(rows))[::-1]
+    panels = (
+        ("Pearson r, predicted vs CMR LV mass", lambda r: (r.get("pearson_r"), r.get("pearson_r_ci")), "#2c7fb8"),
+        (
+            "c-statistic of predicted LVMI for CMR LVH",
+            lambda r: (
+                (r.get("c_statistics") or {}).get("lvm_ai_lvmi", {}).get("auc"),
+                (r.get("c_statistics") or {}).get("lvm_ai_lvmi", {}).get("ci"),
+            ),
+            "#c0392b",
+        ),
+    )
+    for ax, (title, get, colour) in zip(axes, panels, strict=True):
+        values = []
+        for yi, (_, stats) in zip(y, rows, strict=True):
+            value, ci = get(stats)
+            ci = ci or [None, None]
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                ax.text(
+                    0.5,
+                    yi,
+                    "not estimated",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="#888",
+                    transform=ax.get_yaxis_transform(),
+                )
+                continue
+            values += [value, *(c for c in ci if c is not None)]
+            if ci[0] is not None and ci[1] is not None:
+                ax.plot([ci[0], ci[1]], [yi, yi], color=colour, lw=2)
+            ax.plot([value], [yi], marker="D" if yi == y[0] else "s", color=colour, ms=7)
+        if values:
+            lo, hi = min(values), max(values)
+            pad = max(0.02, 0.1 * (hi - lo))
+            ax.set_xlim(lo - pad, min(1.0, hi + pad) if hi <= 1 else hi + pad)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("estimate (95% CI)")
+        ax.grid(axis="x", color="#eee")
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels([f"{label} (n {stats.get('n')})" for label, stats in rows])
+    axes[0].set_ylim(-0.7, len(rows) - 0.3)
+    fig.suptitle("Performance by subgroup", fontsize=11)
+    return fig
+
+
+def calibration_figure(metrics: dict[str, Any]) -> Figure:
+    """Left: mean CMR vs mean predicted LV mass by decile; right: observed vs predicted P(LVH) by bin."""
+    calibration = metrics.get("calibration") or {}
+    fig = Figure(figsize=(10.4, 4.9))
+    mass_ax, prob_ax = fig.subplots(1, 2)
+    mass = calibration.get("lv_mass") or {}
+    deciles = mass.get("deciles") or []
+    if deciles:
+        x = np.array([d["pred_mean_g"] for d in deciles])
+        y = np.array([d["cmr_mean_g"] for d in deciles])
+        err = np.array(
+            [
+                [
+                    d["cmr_mean_g"] - (d["cmr_mean_ci_g"][0] or d["cmr_mean_g"]),
+                    (d["cmr_mean_ci_g"][1] or d["cmr_mean_g"]) - d["cmr_mean_g"],
+                ]
+                for d in deciles
+            ]
+        ).T
+        lo, hi = float(min(x.min(), y.min())) * 0.95, float(max(x.max(), y.max())) * 1.05
+        mass_ax.plot([lo, hi], [lo, hi], color="#444", lw=1, ls="--", label="identity")
+        mass_ax.errorbar(x, y, yerr=err, fmt="o", color="#2c7fb8", capsize=3, label="decile of prediction")
+        if mass.get("slope") is not None:
+            grid = np.array([lo, hi])
+            mass_ax.plot(
+                grid,
+                mass["intercept"] + mass["slope"] * grid,
+                color="#c0392b",
+                lw=1.2,
+                label=f"CMR = {mass['intercept']:.1f} + {mass['slope']:.2f} x predicted",
+            )
+        mass_ax.set_xlim(lo, hi)
+        mass_ax.set_ylim(lo, hi)
+        mass_ax.legend(loc="upper left", fontsize=8)
+    else:
+        mass_ax.text(0.5, 0.5, "no CMR LV mass", ha="center", va="center", transform=mass_ax.transAxes)
+    mass_ax.set_xlabel("Mean predicted LV mass (g)")
+    mass_ax.set_ylabel("Mean CMR LV mass (g, 95% CI)")
+    mass_ax.set_title("LV mass calibration")
+    prob_ax.plot([0, 1], [0, 1], color="#444", lw=1, ls="--", label="identity")
+    top = 0.05
+    for column, label, colour, marker in (
+        ("lvh_prob_calibrated", "lvh_prob_calibrated (conformal)", "#2c7fb8", "o"),
+        ("lvh_prob", "lvh_prob (LVH head, raw)", "#e67e22", "s"),
+    ):
+        bins = (calibration.get(column) or {}).get("bins") or []
+        if not bins:
+            continue
+        px = np.array([b["mean_predicted"] for b in bins])
+        py = np.array([b["observed"] for b in bins])
+        err = np.array([[b["observed"] - b["observed_ci"][0], b["observed_ci"][1] - b["observed"]] for b in bins]).T
+        stats = calibration[column]
+        text = f"{label}: slope {_num(stats.get('slope'), 2)}, Brier {_num(stats.get('brier'), 3)}"
+        prob_ax.errorbar(px, py, yerr=err, fmt=marker + "-", color=colour, capsize=3, lw=1, label=text)
+        top = max(top, float(np.nanmax(np.concatenate([px, py + err[1]]))))
+    top = min(1.0, top * 1.1)
+    prob_ax.set_xlim(0, top)
+    prob_ax.set_ylim(0, top)
+    prob_ax.set_xlabel("Mean predicted probability of CMR LVH")
+    prob_ax.set_ylabel("Observed CMR LVH (95% CI)")
+    prob_ax.set_title("LVH probability calibration (bins of equal size)")
+    prob_ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def interval_figure(metrics: dict[str, Any]) -> Figure:
+    """Coverage of the prediction intervals overall, by sex and by decile of predicted LV mass."""
+    interval = metrics.get("interval") or {}
+    level = interval.get("level")
+    deciles = ((metrics.get("calibration") or {}).get("lv_mass") or {}).get("deciles") or []
+    fig = Figure(figsize=(8.5, 4.2))
+    ax = fig.add_subplot()
+    labels, values, cis = [], [], []
+    by_sex = interval.get("by_sex") or {}
+    for label, stats in (("All", interval), ("Men", by_sex.get("M") or {}), ("Women", by_sex.get("F") or {})):
+        labels.append(label)
+        values.append(stats.get("coverage"))
+        cis.append(stats.get("coverage_ci") or [None, None])
+    for d in deciles:
+        labels.append(f"D{d['bin']}")
+        values.append(d.get("interval_coverage"))
+        cis.append(d.get("interval_coverage_ci") or [None, None])
+    x = np.arange(len(labels))
+    for xi, value, ci in zip(x, values, cis, strict=True):
+        if value is None:
+            continue
+        colour = "#c0392b" if xi < 3 else "#2c7fb8"
+        if ci[0] is not None:
+            ax.plot([xi, xi], [100 * ci[0], 100 * ci[1]], color=colour, lw=2)
+        ax.plot([xi], [100 * value], marker="o", color=colour, ms=6)
+    if level is not None:
+        ax.axhline(100 * level, color="#444", ls="--", lw=1, label=f"nominal {100 * level:g}%")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.axvline(2.5, color="#ccc", lw=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("ECGs whose CMR LV mass is inside the interval (%)")
+    ax.set_xlabel("whole cohort, by sex, and by decile of predicted LV mass (D1 lowest)")
+    ax.set_title("Coverage of the LV mass prediction intervals (Wilson 95% CI)")
+    return fig
+
+
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
+
+
+def _pct_ci(value: Any, ci: Any) -> str:
+    if value is None:
+        return "-"
+    lo, hi = ci if ci else (None, None)
+    inner = f" ({_num(100 * lo, 1)}-{_num(100 * hi, 1)})" if lo is not None and hi is not None else ""
+    return f"{_num(100 * value, 1)}%{inner}"
+
+
+def _est_ci(value: Any, ci: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    lo, hi = ci if ci else (None, None)
+    return f"{_num(value, digits)} ({_num(lo, digits)}-{_num(hi, digits)})" if lo is not None else _num(value, digits)
+
+
+def _intervals_section(metrics: dict[str, Any]) -> str:
+    """Subgroups (forest plot, table), interval coverage and calibration; notes where absent."""
+    if "subgroups" not in metrics:
+        return '<h2>Subgroups and calibration</h2><p class="note">This evaluation predates subgroup analysis.</p>'
+    interval = metrics.get("interval") or {}
+    figures = [
+        _figure_html(
+            "fig-subgroups",
+            "Forest plot of Pearson r and c-statistic by subgroup",
+            subgroup_forest_figure(metrics),
+            "Pearson r (Fisher-z 95% CI) and the c-statistic of predicted LVMI (DeLong 95% CI) by sex, age and BMI.",
+        )
+    ]
+    rows = []
+    for label, stats in _subgroup_rows(metrics):
+        c = stats.get("c_statistics") or {}
+        rows.append(
+            [
+                _esc(label),
+                _esc(stats.get("n")),
+                _esc(stats.get("n_lvh")),
+                _est_ci(stats.get("pearson_r"), stats.get("pearson_r_ci")),
+                _num(stats.get("mae_g"), 1),
+                _pct_ci(stats.get("interval_coverage"), stats.get("interval_coverage_ci")),
+                _est_ci((c.get("lvm_ai_lvmi") or {}).get("auc"), (c.get("lvm_ai_lvmi") or {}).get("ci")),
+                _est_ci((c.get("any_rule") or {}).get("auc"), (c.get("any_rule") or {}).get("ci")),
+                _esc("; ".join(stats.get("notes") or [])),
+            ]
+        )
+    subgroup_table = _table(
+        [
+            "Subgroup",
+            "n",
+            "LVH",
+            "Pearson r (95% CI)",
+            "MAE (g)",
+            "Interval coverage",
+            "c LVMI (95% CI)",
+            "c any rule (95% CI)",
+            "Note",
+        ],
+        rows,
+    )
+    if interval.get("coverage") is not None:
+        by_sex = interval.get("by_sex") or {}
+        interval_html = _table(
+            ["Level", "ECGs", "Coverage (95% CI)", "Men", "Women", "Mean width (g)", "Median width (g)"],
+            [
+                [
+                    f"{_num(100 * interval['level'], 0)}%" if interval.get("level") else "mixed",
+                    _esc(interval.get("n")),
+                    _pct_ci(interval.get("coverage"), interval.get("coverage_ci")),
+                    _pct_ci((by_sex.get("M") or {}).get("coverage"), (by_sex.get("M") or {}).get("coverage_ci")),
+                    _pct_ci((by_sex.get("F") or {}).get("coverage"), (by_sex.get("F") or {}).get("coverage_ci")),
+                    _num(interval.get("mean_width_g"), 1),
+                    _num(interval.get("median_width_g"), 1),
+                ]
+            ],
+        )
+        interval_html += _figure_html(
+            "fig-interval-coverage",
+            "Coverage of the LV mass prediction intervals overall, by sex and by decile",
+            interval_figure(metrics),
+            "Share of ECGs whose CMR LV mass lies inside its prediction interval; dashed: the nominal level.",
+        )
+    else:
+        interval_html = f'<p class="note">{_esc(interval.get("note") or "No prediction intervals.")}</p>'
+    calibration = metrics.get("calibration") or {}
+    mass = calibration.get("lv_mass") or {}
+    cal_rows = [
+        [
+            "LV mass (CMR on predicted, OLS)",
+            _esc(mass.get("n")),
+            "-",
+            "-",
+            _est_ci(mass.get("slope"), mass.get("slope_ci")),
+            _est_ci(mass.get("intercept"), mass.get("intercept_ci"), 1) + " g",
+            "-",
+        ]
+    ]
+    for column in ("lvh_prob_calibrated", "lvh_prob"):
+        stats = calibration.get(column)
+        if stats is None:
+            continue
+        cal_rows.append(
+            [
+                _esc(column) + ("" if stats.get("brier") is not None else f" ({_esc(stats.get('note', ''))})"),
+                _esc(stats.get("n")),
+                _num(stats.get("brier"), 4),
+                _num(stats.get("brier_prevalence_only"), 4),
+                _est_ci(stats.get("slope"), stats.get("slope_ci")),
+                _est_ci(stats.get("intercept"), stats.get("intercept_ci")),
+                _num(stats.get("ece"), 4),
+            ]
+        )
+    calibration_table = _table(
+        ["Prediction", "n", "Brier", "Brier (prevalence only)", "Slope (95% CI)", "Intercept (95% CI)", "ECE"],
+        cal_rows,
+    )
+    figures.append(
+        _figure_html(
+            "fig-calibration",
+            "Calibration plots of LV mass and of the probability of LVH",
+            calibration_figure(metrics),
+            "Left: mean CMR against mean predicted LV mass by decile of prediction. Right: observed CMR LVH "
+            "against the mean predicted probability in bins of equal size; on the identity line, calibrated.",
+        )
+    )
+    return f"""
+<h2>Prediction intervals</h2>
+<p class="small">Split-conformal intervals by sex (lvm-ray calibrate): at the stated level they should
+cover that share of the CMR LV masses in men and in women alike.</p>
+{interval_html}
+<h2>Performance by subgroup</h2>
+{subgroup_table}
+<div class="figs">{figures[0]}</div>
+<h2>Calibration</h2>
+<p class="small">Probability slope: logistic regression of CMR LVH on logit(p) (1 = calibrated, below 1 =
+too extreme); intercept: calibration-in-the-large (0 = calibrated); ECE: expected calibration error over
+10 bins of equal size.</p>
+{calibration_table}
+<div class="figs">{figures[1]}</div>
+"""
 
 
 def _evaluation_section(eval_dir: str) -> tuple[str, dict[str, Any]]:
@@ -532,6 +849,7 @@ def render_report(eval_dir: str, outcomes_dir: str | None, out: str) -> str:
 </header>
 <main>
 {eval_html}
+{_intervals_section(metrics)}
 {outcomes_html}
 </main>
 <footer><p class="small">Generated by lvm-ray. Method after Khurshid et al., Circ Cardiovasc Imaging

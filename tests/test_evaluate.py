@@ -10,10 +10,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from scipy.optimize import brentq
+from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
 from lvm_ray import stats
-from lvm_ray.evaluate import C_STATISTIC_NAMES, evaluate
+from lvm_ray.conformal import fit_calibration
+from lvm_ray.evaluate import C_STATISTIC_NAMES, band_labels, evaluate
 from lvm_ray.lvh import LVHConfig
 from lvm_ray.store import read_any_table
 
@@ -63,6 +66,25 @@ def make_predictions(n: int = 1500, seed: int = 0) -> pd.DataFrame:
     )
     assert 0.03 < cmr_lvh.mean() < 0.2
     return frame
+
+
+def with_intervals(frame: pd.DataFrame, seed: int = 100) -> pd.DataFrame:
+    """``frame`` with height/weight (for BMI) and the columns a calibrated checkpoint adds.
+
+    The calibration is fitted on an independent table from the same simulation (another seed), as
+    `lvm-ray calibrate` fits it on a validation split.
+    """
+    out = frame.copy()
+    rng = np.random.default_rng(seed)
+    out["height_cm"] = np.where(out["sex"] == "M", 176.0, 163.0) + rng.normal(0, 7, len(out))
+    out["weight_kg"] = out["bsa_m2"] ** 2 * 3600 / out["height_cm"]  # Mosteller gives back bsa_m2
+    cal = make_predictions(n=2000, seed=seed)
+    calibration = fit_calibration(cal["lv_mass_pred_g"], cal["lv_mass_g"], cal["sex"], cal["bsa_m2"])
+    bands = calibration.predict(out["lv_mass_pred_g"], out["sex"], out["bsa_m2"], LVHConfig().thresholds_g_m2)
+    out["lv_mass_pred_lo_g"], out["lv_mass_pred_hi_g"] = bands["lo"], bands["hi"]
+    out["interval_level"] = 0.9
+    out["lvh_prob_calibrated"] = bands["lvh_prob"]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +249,115 @@ def test_missing_bsa_is_mosteller_from_height_and_weight(tmp_path, predictions) 
         assert derived["c_statistics"][name]["auc"] == pytest.approx(reference["c_statistics"][name]["auc"], abs=1e-12)
     pairs = pd.read_parquet(tmp_path / "derived" / "pairs.parquet")
     np.testing.assert_allclose(pairs["bsa_m2"], predictions["bsa_m2"], rtol=1e-12)
+
+
+# --- prediction intervals, subgroups, calibration -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> tuple[pd.DataFrame, dict]:
+    frame = with_intervals(make_predictions(n=3000, seed=5))
+    return frame, evaluate(frame, str(tmp_path_factory.mktemp("eval_cal")))
+
+
+def test_interval_coverage_and_width_are_the_direct_numbers(calibrated) -> None:
+    frame, m = calibrated
+    inside = (frame.lv_mass_pred_lo_g <= frame.lv_mass_g) & (frame.lv_mass_g <= frame.lv_mass_pred_hi_g)
+    interval = m["interval"]
+    assert set(interval) >= {"level", "coverage", "coverage_ci", "mean_width_g"}
+    assert interval["level"] == 0.9 and interval["n"] == len(frame)
+    assert interval["coverage"] == pytest.approx(inside.mean())
+    assert interval["coverage_ci"] == pytest.approx(list(stats.wilson_ci(int(inside.sum()), len(frame))))
+    width = frame.lv_mass_pred_hi_g - frame.lv_mass_pred_lo_g
+    assert interval["mean_width_g"] == pytest.approx(width.mean())
+    for sex in ("M", "F"):
+        rows = (frame.sex == sex).to_numpy()
+        assert interval["by_sex"][sex]["coverage"] == pytest.approx(inside[rows].mean())
+    # Calibrated on an independent sample of the same population: 90% intervals cover about 90%.
+    assert 0.87 <= interval["coverage"] <= 0.93
+
+
+def test_subgroups_have_the_keys_and_the_direct_numbers(calibrated) -> None:
+    frame, m = calibrated
+    groups = m["subgroups"]
+    assert set(groups["sex"]) == {"M", "F"}
+    assert set(groups["age"]) == {"<55", "55-65", ">=65"} and set(groups["bmi"]) == {"<25", "25-30", ">=30"}
+    keys = {"n", "pearson_r", "pearson_r_ci", "mae_g", "interval_coverage", "c_statistics"}
+    for name in ("sex", "age", "bmi"):
+        assert sum(g["n"] for g in groups[name].values()) == len(frame), name
+        for label, g in groups[name].items():
+            assert keys <= set(g), (name, label)
+            assert set(g["c_statistics"]) == {"lvm_ai_lvmi", "any_rule"}
+            assert set(g["c_statistics"]["any_rule"]) >= {"auc", "ci"}
+    women = frame[frame.sex == "F"]
+    f = groups["sex"]["F"]
+    assert f["n"] == len(women)
+    assert f["pearson_r"] == pytest.approx(np.corrcoef(women.lv_mass_pred_g, women.lv_mass_g)[0, 1])
+    assert f["mae_g"] == pytest.approx(np.mean(np.abs(women.lv_mass_pred_g - women.lv_mass_g)))
+    y = (women.lv_mass_g / women.bsa_m2 > 55.0).to_numpy()
+    assert f["c_statistics"]["lvm_ai_lvmi"]["auc"] == pytest.approx(roc_auc_score(y, women.lvmi_pred))
+    known = women.lvh_any_rule.notna().to_numpy()
+    rule = women.lvh_any_rule[known].astype(float).to_numpy()
+    assert f["c_statistics"]["any_rule"]["auc"] == pytest.approx(roc_auc_score(y[known], rule))
+    middle = frame[(frame.age >= 55) & (frame.age < 65)]
+    assert groups["age"]["55-65"]["n"] == len(middle)
+    bmi = frame.weight_kg / (frame.height_cm / 100) ** 2
+    assert groups["bmi"][">=30"]["n"] == int((bmi >= 30).sum())
+    inside = (middle.lv_mass_pred_lo_g <= middle.lv_mass_g) & (middle.lv_mass_g <= middle.lv_mass_pred_hi_g)
+    assert groups["age"]["55-65"]["interval_coverage"] == pytest.approx(inside.mean())
+
+
+def test_calibration_metrics_equal_independent_fits(calibrated) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    frame, m = calibrated
+    mass = m["calibration"]["lv_mass"]
+    slope, intercept = np.polyfit(frame.lv_mass_pred_g, frame.lv_mass_g, 1)
+    assert mass["slope"] == pytest.approx(slope) and mass["intercept"] == pytest.approx(intercept)
+    assert len(mass["deciles"]) == 10 and sum(d["n"] for d in mass["deciles"]) == len(frame)
+    top = frame.nlargest(len(frame) // 10, "lv_mass_pred_g")
+    assert mass["deciles"][-1]["cmr_mean_g"] == pytest.approx(top.lv_mass_g.mean())
+    y = (frame.lv_mass_g / frame.bsa_m2 > np.where(frame.sex == "M", 72.0, 55.0)).to_numpy()
+    for column in ("lvh_prob_calibrated", "lvh_prob"):
+        p = frame[column].to_numpy(dtype=float)
+        c = m["calibration"][column]
+        assert c["brier"] == pytest.approx(np.mean((p - y) ** 2))
+        assert c["brier_prevalence_only"] == pytest.approx(y.mean() * (1 - y.mean()))
+        logit = np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)))
+        fit = LogisticRegression(C=np.inf).fit(logit[:, None], y)
+        assert c["slope"] == pytest.approx(fit.coef_[0, 0], rel=1e-3)
+        order = np.argsort(p, kind="stable")
+        ece = sum(len(b) * abs(y[b].mean() - p[b].mean()) for b in np.array_split(order, 10)) / len(p)
+        assert c["ece"] == pytest.approx(ece, rel=1e-9)
+        # Calibration-in-the-large: the intercept a solving sum(y - expit(a + logit p)) = 0 (its score equation).
+        root = brentq(lambda a, offset=logit: np.sum(y - expit(a + offset)), -10, 10, xtol=1e-12)
+        assert c["intercept"] == pytest.approx(root, abs=1e-6)
+    calibrated_prob = m["calibration"]["lvh_prob_calibrated"]
+    assert 0.8 <= calibrated_prob["slope"] <= 1.2
+    assert calibrated_prob["brier"] < calibrated_prob["brier_prevalence_only"]
+    assert m["c_statistics_extra"]["lvm_ai_prob_calibrated"]["auc"] > 0.8
+
+
+def test_small_subgroups_get_nulls_with_reasons_and_bands_are_configurable(tmp_path) -> None:
+    frame = with_intervals(make_predictions(n=400, seed=8))
+    frame.loc[frame.index[:3], "age"] = 30.0  # a band holding three ECGs
+    frame.loc[frame.index[3:5], "age"] = np.nan
+    m = evaluate(frame, str(tmp_path), subgroup_bands={"age": (40, 60), "bmi": (18.5, 25, 30, 35)})
+    age = m["subgroups"]["age"]
+    assert set(age) == {"<40", "40-60", ">=60", "unknown"} and age["unknown"]["n"] == 2
+    small = age["<40"]
+    assert small["n"] == 3 and small["pearson_r"] is None and small["pearson_r_ci"] == [None, None]
+    assert any("at least 10" in note for note in small["notes"])
+    assert small["c_statistics"]["lvm_ai_lvmi"]["auc"] is None
+    assert set(m["subgroups"]["bmi"]) >= set(band_labels((18.5, 25, 30, 35)))
+    assert m["subgroups"]["bands"]["bmi"] == [18.5, 25.0, 30.0, 35.0]
+    with pytest.raises(ValueError, match="no such column"):
+        evaluate(frame, str(tmp_path / "bad"), subgroup_bands={"creatinine": (1.0,)})
+
+
+def test_uncalibrated_predictions_give_null_intervals_with_a_note(tmp_path, predictions) -> None:
+    m = evaluate(predictions, str(tmp_path))
+    assert m["interval"]["coverage"] is None and "uncalibrated" in m["interval"]["note"]
+    assert m["subgroups"]["sex"]["M"]["interval_coverage"] is None
+    assert m["calibration"]["lvh_prob_calibrated"]["brier"] is None
+    assert m["calibration"]["lvh_prob"]["brier"] is not None  # the raw head's output is still assessed

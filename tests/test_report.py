@@ -22,10 +22,12 @@ from PIL import Image
 from lvm_ray.evaluate import evaluate
 from lvm_ray.outcomes import outcomes
 from lvm_ray.report import render_report
-from tests.test_evaluate import make_predictions
+from tests.test_evaluate import make_predictions, with_intervals
 from tests.test_outcomes import simulate_cohort
 
-EVAL_FIGURES = {"fig-scatter", "fig-bland-altman", "fig-roc"}
+#: Prediction intervals (coverage), subgroups (forest plot) and calibration plots.
+CALIBRATION_FIGURES = {"fig-interval-coverage", "fig-subgroups", "fig-calibration"}
+EVAL_FIGURES = {"fig-scatter", "fig-bland-altman", "fig-roc", *CALIBRATION_FIGURES}
 
 
 class _Collector(HTMLParser):
@@ -66,7 +68,7 @@ def _assert_not_blank(image: Image.Image, what: str) -> None:
 @pytest.fixture(scope="module")
 def result_dirs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("report_inputs")
-    evaluate(make_predictions(n=800, seed=3), str(root / "eval"))
+    evaluate(with_intervals(make_predictions(n=800, seed=3)), str(root / "eval"))
     predictions, followup = simulate_cohort(n=2000, seed=9)
     outcomes(predictions, followup, str(root / "outcomes"))
     return root / "eval", root / "outcomes"
@@ -107,6 +109,8 @@ def test_report_is_self_contained_with_header_and_tables(report) -> None:
     text = " ".join(parsed.text)
     for needle in ("lvm-ai-2021", "test-1", "c-statistic (95% CI)", "Any ECG rule", "Heart failure", "Person-years"):
         assert needle in text, needle
+    for needle in ("Prediction intervals", "Performance by subgroup", "Women", "Age 55-65", "BMI >=30", "ECE"):
+        assert needle in text, needle
     assert "<style>" in report.read_text()
 
 
@@ -122,6 +126,16 @@ def test_report_without_outcomes_and_to_fsspec_url(result_dirs) -> None:
     parser.feed(document)
     assert {img["id"] for img in parser.images} == EVAL_FIGURES
     assert "No outcome analysis" in document
+
+
+def test_report_of_an_uncalibrated_model_says_it_has_no_intervals(tmp_path) -> None:
+    evaluate(make_predictions(n=400, seed=4), str(tmp_path / "eval"))
+    out = tmp_path / "report.html"
+    render_report(str(tmp_path / "eval"), None, str(out))
+    parsed = _parse(out)
+    ids = {img["id"] for img in parsed.images}
+    assert ids == EVAL_FIGURES - {"fig-interval-coverage"}
+    assert "uncalibrated checkpoint" in " ".join(parsed.text)
 
 
 def _chromium() -> str | None:
@@ -164,3 +178,34 @@ def test_report_renders_in_headless_chromium(report, tmp_path) -> None:
     assert (pixels < 240).mean() > 0.03
     # The lower part of the page (outcome figures) is rendered too.
     _assert_not_blank(image.crop((0, 2000, 1200, 4000)), "lower half of the screenshot")
+
+
+def test_calibration_figures_render_in_headless_chromium(report, tmp_path) -> None:
+    """Only the new figures, one page each: Chromium draws each of them (not a blank or broken image)."""
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail("Chromium not installed, but CI=true: the report rendering check must run in CI")
+        pytest.skip("Chromium not installed (apt-get install chromium); CI installs it and runs this check")
+    images = {img["id"]: img for img in _parse(report).images}
+    for fig_id in sorted(CALIBRATION_FIGURES):
+        page = tmp_path / f"{fig_id}.html"
+        page.write_text(f'<html><body style="margin:0"><img id="{fig_id}" src="{images[fig_id]["src"]}"></body></html>')
+        screenshot = tmp_path / f"{fig_id}.png"
+        command = [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            f"--screenshot={screenshot}",
+            "--window-size=1200,900",
+            page.resolve().as_uri(),
+        ]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert screenshot.exists(), f"Chromium wrote no screenshot of {fig_id} (rc {proc.returncode})"
+        _assert_not_blank(Image.open(screenshot).crop((0, 0, 600, 400)), f"{fig_id} drawn by Chromium")
