@@ -118,7 +118,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             use_gpu=args.use_gpu,
             max_epochs=args.epochs,
             address=args.address,
-            batch_size=batch_size,
+            batch_size=max(1, batch_size // args.num_workers),  # per worker: the baseline's global batch
             cpus_per_worker=args.cpus_per_worker,
             evaluate_test=False,
             cache_inputs=args.cache_inputs,

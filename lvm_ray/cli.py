@@ -260,9 +260,13 @@ def train(
         int | None, typer.Option(min=1, help="Upper bound on epochs (default: the preset's).")
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Global batch size, split across workers (default: the preset's).")
+        int | None,
+        typer.Option(min=1, help="Batch per worker (default: the preset's); one step = batch x --num-workers ECGs."),
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the preset's).")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Learning rate, used as given (default: the preset's x sqrt(global batch / preset batch))."),
+    ] = None,
     task: Annotated[
         str | None, typer.Option(help="'regression' or 'binary' for --target (default: inferred from the column).")
     ] = None,

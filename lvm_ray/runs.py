@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,7 +64,9 @@ class TrainConfig:
     """One training run, fully resolved (what run.json records and the workers receive).
 
     The optimiser and schedule are the preset's ``optim`` with any overrides applied, so the
-    checkpoint's preset always records the learning rate, batch and schedule actually used.
+    checkpoint's preset always records the learning rate, batch and schedule actually used:
+    ``optim.batch_size`` is the batch of each worker (the global batch is that times
+    ``num_workers``) and ``optim.lr`` the learning rate after :func:`scaled_lr`.
     """
 
     data: str
@@ -82,6 +85,12 @@ class TrainConfig:
     #: Rows of the per-worker local shuffle buffer (streamed shards arrive in manifest order).
     shuffle_buffer: int = 1024
     fault: FaultInjection | None = None
+    #: How ``preset.optim.lr`` was set (:func:`make_config`): 'sqrt' (the preset's learning rate
+    #: scaled by :func:`scaled_lr`), 'given' (an explicit lr, used as is) or 'none' (as built).
+    lr_scaling: str = "none"
+    #: The batch and learning rate the preset was tuned with (one worker); None: as built.
+    reference_batch: int | None = None
+    reference_lr: float | None = None
 
     @property
     def max_epochs(self) -> int:
@@ -89,19 +98,51 @@ class TrainConfig:
 
     @property
     def per_worker_batch(self) -> int:
-        """The preset's batch is global: split across the workers."""
-        return max(1, self.preset.optim.batch_size // self.num_workers)
+        """The preset's batch is per worker (each GPU gets a full batch)."""
+        return self.preset.optim.batch_size
+
+    @property
+    def global_batch(self) -> int:
+        """ECGs per optimiser step over all workers (DDP averages their gradients)."""
+        return self.per_worker_batch * self.num_workers
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["preset"] = self.preset.to_dict()
+        d["per_worker_batch"], d["global_batch"] = self.per_worker_batch, self.global_batch
         return d
 
     def identity(self) -> dict[str, Any]:
-        """What must match for a re-run to resume this run (not epochs, workers or resources)."""
+        """What must match for a re-run to resume this run (not epochs, workers or resources).
+
+        The optimisation is the global batch and the learning rate: a run may resume on another
+        number of workers when ``--batch-size`` keeps the global batch (e.g. 16 x 64 for 32 x 32).
+        """
         preset = self.preset.to_dict()
-        preset["optim"] = {k: v for k, v in preset["optim"].items() if k != "max_epochs"}
-        return {"data": self.data, "preset": preset, "split": dataclasses.asdict(self.split), "seed": self.seed}
+        preset["optim"] = {k: v for k, v in preset["optim"].items() if k not in ("max_epochs", "batch_size")}
+        return {
+            "data": self.data,
+            "preset": preset,
+            "global_batch": self.global_batch,
+            "split": dataclasses.asdict(self.split),
+            "seed": self.seed,
+        }
+
+
+def scaled_lr(reference_lr: float, global_batch: int, reference_batch: int) -> float:
+    """The learning rate for ``global_batch``: square-root scaling, ``lr x sqrt(global / reference)``.
+
+    RAdam is an Adam-family optimiser: its per-parameter step is normalised by the gradient's
+    second moment, so the step grows with the learning rate, not with the batch, and the
+    variance-matching rule for such optimisers is square-root scaling (Malladi et al., NeurIPS
+    2022; Hoffer et al., 2017). Linear scaling (Goyal et al., 2017) is derived for SGD and would
+    multiply the rate by 32 on 32 workers. RAdam's rectification damps the first steps itself
+    (the job of the warm-up that linear scaling needs), so no separate warm-up is added. One
+    worker at the preset's batch gets the preset's learning rate exactly.
+    """
+    if global_batch < 1 or reference_batch < 1:
+        raise TrainError(f"batch sizes must be positive, got global {global_batch}, reference {reference_batch}")
+    return reference_lr * math.sqrt(global_batch / reference_batch)
 
 
 @dataclass
@@ -197,7 +238,9 @@ def make_config(
 
     Optimiser overrides (``lr``, ``batch_size``, ``max_epochs``, ``weight_decay``,
     ``plateau_patience``, ``plateau_factor``, ``early_stopping_patience``) are applied to the
-    preset's OptimSpec; the rest are TrainConfig fields.
+    preset's OptimSpec; the rest are TrainConfig fields. ``batch_size`` is per worker (default
+    the preset's); without an explicit ``lr`` the preset's learning rate is scaled to the global
+    batch (``batch_size x num_workers``) by :func:`scaled_lr`, against the preset's own batch.
     """
     base = get_preset(preset)
     split = split or SplitSpec()
@@ -208,9 +251,23 @@ def make_config(
     optim_fields = {f.name for f in dataclasses.fields(base.optim)}
     optim_overrides = {k: overrides.pop(k) for k in list(overrides) if k in optim_fields}
     optim_overrides.update({k: v for k, v in (("lr", lr), ("batch_size", batch_size), ("max_epochs", max_epochs)) if v})
+    reference_batch, reference_lr = base.optim.batch_size, base.optim.lr
+    global_batch = optim_overrides.get("batch_size", reference_batch) * num_workers
+    given = "lr" in optim_overrides
+    if not given:
+        optim_overrides["lr"] = scaled_lr(reference_lr, global_batch, reference_batch)
     base = dataclasses.replace(base, optim=dataclasses.replace(base.optim, **optim_overrides))
     return TrainConfig(
-        data=data, run=run, preset=base, split=split, num_workers=num_workers, use_gpu=use_gpu, **overrides
+        data=data,
+        run=run,
+        preset=base,
+        split=split,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        lr_scaling="given" if given else "sqrt",
+        reference_batch=reference_batch,
+        reference_lr=reference_lr,
+        **overrides,
     )
 
 

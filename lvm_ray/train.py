@@ -468,7 +468,7 @@ def train(
     if record is not None:
         if record.get("identity") != json.loads(json.dumps(store.jsonable(cfg.identity()), default=str)):
             raise TrainError(
-                f"{run} holds another run (different data, preset, target, optimiser or split); "
+                f"{run} holds another run (different data, preset, target, optimiser, global batch or split); "
                 "pass --overwrite to replace it or choose another --run"
             )
         done = record.get("status") == "finished" and record.get("result")

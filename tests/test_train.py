@@ -101,9 +101,32 @@ def test_trainer_picks_gpus_and_nccl_when_asked(tmp_path):
     assert gpu.run_config.storage_path == str(tmp_path / "run") and gpu.run_config.failure_config.max_failures == 3
     cpu = build_trainer(make_config("data", str(tmp_path / "run"), "lvm-cpu"), {})
     assert not cpu.scaling_config.use_gpu and cpu.backend_config.backend == "gloo"
-    assert make_config("data", "run", "lvm-cpu", num_workers=4).per_worker_batch == 16  # global batch 64
     with autocast(torch.device("cpu")):  # bf16 autocast is for CUDA only
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_batch_is_per_worker_and_the_learning_rate_follows_the_global_batch():
+    """The preset's batch goes to every worker; RAdam's rate scales by sqrt(global / preset batch)."""
+    published = get_preset("lvm-ai-2021").optim
+    assert (published.batch_size, published.lr) == (32, 1e-4)
+    one = make_config("data", "run", "lvm-ai-2021", num_workers=1)
+    assert (one.per_worker_batch, one.global_batch, one.preset.optim.lr) == (32, 32, 1e-4)  # as published
+    four = make_config("data", "run", "lvm-ai-2021", num_workers=4)
+    assert (four.per_worker_batch, four.global_batch) == (32, 128)
+    assert four.preset.optim.lr == pytest.approx(2e-4)  # 1e-4 x sqrt(128 / 32)
+    big = make_config("data", "run", "lvm-ai-2021", num_workers=32)
+    assert big.global_batch == 1024 and big.preset.optim.lr == pytest.approx(1e-4 * 32**0.5)
+    # Recorded where run.json and the checkpoint's preset see them.
+    record = four.to_dict()
+    assert (record["per_worker_batch"], record["global_batch"], record["lr_scaling"]) == (32, 128, "sqrt")
+    assert (record["reference_batch"], record["reference_lr"]) == (32, 1e-4)
+    assert record["preset"]["optim"]["lr"] == pytest.approx(2e-4) and record["preset"]["optim"]["batch_size"] == 32
+    # An explicit learning rate is used as given; a run resumes on other workers with the same global batch.
+    given = make_config("data", "run", "lvm-ai-2021", num_workers=4, lr=3e-4)
+    assert given.preset.optim.lr == 3e-4 and given.lr_scaling == "given"
+    half = make_config("data", "run", "lvm-ai-2021", num_workers=16, batch_size=64)
+    assert half.identity() == big.identity()
+    assert four.identity() != big.identity()
 
 
 # --- Ray Train runs ---------------------------------------------------------------------------------
@@ -146,6 +169,14 @@ def test_train_end_to_end_then_rerun_resumes(ray_cluster, cohort, tmp_path):
     assert (split.groupby("patient_id")["split"].nunique() == 1).all()
     loaded = load_checkpoint(str(run), expected_preset="lvm-cpu")
     assert loaded.payload["epoch"] == result.best_epoch and loaded.payload["split"]["counts"] == result.split_counts
+    # --batch-size is per worker (2 x 16 = 32 a step); the workers stepped with the preset's rate
+    # scaled by sqrt(32 / the preset's batch), which run.json and the checkpoint's preset record.
+    reference = get_preset("lvm-cpu").optim
+    lr = reference.lr * (32 / reference.batch_size) ** 0.5
+    assert (record["config"]["per_worker_batch"], record["config"]["global_batch"]) == (16, 32)
+    assert loaded.payload["preset"]["optim"]["batch_size"] == 16
+    assert loaded.payload["preset"]["optim"]["lr"] == pytest.approx(lr)
+    assert _metrics_lines(run)[0]["lr"] == pytest.approx(lr)
     assert json.loads((run / "test_metrics.json").read_text())["split"] == "test"
     assert any(p.is_dir() for p in (run / "ray").glob("checkpoint_*"))
 
