@@ -16,7 +16,16 @@ import torch
 from torch import nn
 
 from lvm_ray.model import total_loss
-from lvm_ray.presets import Preset, lvh_labels, model_to_target, prepare_covariates, prepare_input, target_to_model
+from lvm_ray.presets import (
+    SELECTION_METRICS,
+    AugmentSpec,
+    Preset,
+    lvh_labels,
+    model_to_target,
+    prepare_covariates,
+    prepare_input,
+    target_to_model,
+)
 from lvm_ray.schema import WAVEFORM_SHAPE
 from lvm_ray.stats import auroc
 
@@ -49,11 +58,62 @@ def make_optimizer(preset: Preset, params: Iterable[nn.Parameter]) -> torch.opti
     return torch.optim.RAdam(params, lr=preset.optim.lr, weight_decay=preset.optim.weight_decay)
 
 
-def make_scheduler(preset: Preset, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-    """Reduce the learning rate on a validation-loss plateau (the preset's patience and factor)."""
+def make_scheduler(preset: Preset, optimizer: torch.optim.Optimizer) -> Any:
+    """The preset's schedule, stepped once per epoch by :func:`step_scheduler`.
+
+    'plateau': reduce the learning rate on a validation-loss plateau (the preset's patience and
+    factor); 'cosine': cosine decay from lr to lr/100 over max_epochs.
+    """
+    if preset.optim.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, preset.optim.max_epochs), eta_min=preset.optim.lr / 100
+        )
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=preset.optim.plateau_factor, patience=preset.optim.plateau_patience
     )
+
+
+def step_scheduler(scheduler: Any, val_loss: float) -> None:
+    """End of an epoch: a plateau schedule looks at the validation loss, a fixed one just advances."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    else:
+        scheduler.step()
+
+
+def selection_score(preset: Preset, val_loss: float, metrics: Mapping[str, Any]) -> float:
+    """The preset's selection metric as a score where lower is better (an undefined metric: +inf).
+
+    'loss' is the validation loss itself, so loss-selected runs choose exactly as before.
+    """
+    name = preset.optim.selection_metric
+    value = float(val_loss if name == "loss" else metrics.get(name, float("nan")))
+    if not np.isfinite(value):
+        return float("inf")
+    return value if SELECTION_METRICS[name] == "min" else -value
+
+
+def augment(x: torch.Tensor, spec: AugmentSpec, sample_rate_hz: int) -> torch.Tensor:
+    """Training augmentation of model inputs [n, leads, samples] (see :class:`lvm_ray.presets.AugmentSpec`).
+
+    Each ECG is shifted by its own random whole number of samples (0 uV shifted in) and, with
+    ``lead_dropout``, loses random leads; amplitudes are never rescaled. Uses torch's global RNG
+    (seeded per worker), so a run is reproducible.
+    """
+    if not spec.enabled or x.shape[0] == 0:
+        return x
+    n, leads, samples = x.shape
+    max_shift = int(round(spec.max_shift_s * sample_rate_hz))
+    if max_shift > 0:
+        shift = torch.randint(-max_shift, max_shift + 1, (n, 1), device=x.device)
+        source = torch.arange(samples, device=x.device).unsqueeze(0) - shift  # [n, samples]
+        valid = (source >= 0) & (source < samples)
+        index = source.clamp(0, samples - 1).unsqueeze(1).expand(n, leads, samples)
+        x = torch.gather(x, 2, index) * valid.unsqueeze(1).to(x.dtype)
+    if spec.lead_dropout > 0:
+        keep = torch.rand(n, leads, 1, device=x.device) >= spec.lead_dropout
+        x = x * keep.to(x.dtype)
+    return x
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -91,8 +151,9 @@ def train_epoch(
     for i, raw in enumerate(batches):
         batch = to_device(raw, device)
         optimizer.zero_grad(set_to_none=True)
+        x = augment(batch["x"], preset.augment, preset.input.sample_rate_hz)  # training only
         with autocast(device):
-            output = model(batch["x"], batch.get("cov"))
+            output = model(x, batch.get("cov"))
             loss = total_loss(preset, output, batch["y"], batch.get("lvh"))
         loss.backward()
         optimizer.step()

@@ -35,6 +35,14 @@ Task = Literal["regression", "binary"]
 LossName = Literal["asymmetric_outlier", "logcosh", "mse", "bce"]
 REGRESSION_LOSSES: tuple[str, ...] = ("asymmetric_outlier", "logcosh", "mse")
 BINARY_LOSSES: tuple[str, ...] = ("bce",)
+Schedule = Literal["plateau", "cosine"]
+#: Validation metrics that can choose the best epoch (and drive early stopping): name -> 'min' or 'max'.
+#: 'loss' is the validation loss; the others are keys of ``lvm_ray.fitting.target_metrics``.
+SELECTION_METRICS: dict[str, str] = {"loss": "min", "auroc": "max", "pearson_r": "max", "mae": "min"}
+SELECTION_BY_TASK: dict[str, tuple[str, ...]] = {
+    "regression": ("loss", "pearson_r", "mae"),
+    "binary": ("loss", "auroc"),
+}
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,48 @@ class OptimSpec:
     plateau_factor: float = 0.5
     early_stopping_patience: int = 32
     max_epochs: int = 200
+    #: 'plateau': learning rate x plateau_factor after plateau_patience epochs without a lower
+    #: validation loss (published); 'cosine': cosine decay from lr to lr/100 over max_epochs
+    #: (for a fixed epoch budget: the rate is low when the budget ends).
+    schedule: Schedule = "plateau"
+    #: The validation metric that picks the best epoch and drives early stopping (SELECTION_METRICS).
+    selection_metric: str = "loss"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("plateau", "cosine"):
+            raise ValueError(f"schedule must be 'plateau' or 'cosine', got {self.schedule!r}")
+        if self.selection_metric not in SELECTION_METRICS:
+            raise ValueError(
+                f"selection_metric must be one of {', '.join(SELECTION_METRICS)}, got {self.selection_metric!r}"
+            )
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Training-only augmentation (``lvm_ray.fitting.augment``); validation, scoring and serving never see it.
+
+    Nothing here rescales a waveform: LVH is read from absolute voltages (Sokolow-Lyon, Cornell),
+    so amplitude scaling would corrupt the very signal the label depends on. Defaults: off.
+    """
+
+    #: Shift each training ECG by a uniform random offset of up to this many seconds, either way;
+    #: the samples shifted in are 0 uV (the network's 'same' padding already shows it 0 uV at the
+    #: record's edges), so this is a random crop of the record placed in a zero background.
+    max_shift_s: float = 0.0
+    #: Probability that each lead of a training ECG is zeroed (0 = never). Off in the presets:
+    #: the voltage criteria read specific leads (V1, V5, V6, aVL, V3), so dropping one removes
+    #: the evidence for the label rather than a nuisance.
+    lead_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_shift_s < 10.0:
+            raise ValueError(f"max_shift_s must be in [0, 10) seconds, got {self.max_shift_s}")
+        if not 0.0 <= self.lead_dropout < 1.0:
+            raise ValueError(f"lead_dropout must be in [0, 1), got {self.lead_dropout}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_shift_s > 0 or self.lead_dropout > 0
 
 
 @dataclass(frozen=True)
@@ -151,6 +201,15 @@ class Preset:
     lvh_head: bool = False
     lvh_class_weights: tuple[float, float] = (1.0, 25.0)
     optim: OptimSpec = field(default_factory=OptimSpec)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+
+    def __post_init__(self) -> None:
+        allowed = SELECTION_BY_TASK[self.target.task]
+        if self.optim.selection_metric not in allowed:
+            raise ValueError(
+                f"selection_metric {self.optim.selection_metric!r} does not fit a {self.target.task} target; "
+                f"choose one of {', '.join(allowed)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (what checkpoints and run records store)."""
@@ -174,6 +233,7 @@ class Preset:
             lvh_head=bool(p.get("lvh_head", False)),
             lvh_class_weights=tuple(p.get("lvh_class_weights", (1.0, 25.0))),  # type: ignore[arg-type]
             optim=OptimSpec(**p.get("optim", {})),
+            augment=AugmentSpec(**p.get("augment", {})),
         )
 
     @property
@@ -199,9 +259,13 @@ class Preset:
             if task == "binary":
                 loss = "bce"
             else:
-                loss = "logcosh" if self.target.loss == "asymmetric_outlier" else self.target.loss
+                # LVM-AI's loss is defined on LV mass z-scores; a binary preset's BCE fits no regression.
+                loss = "logcosh" if self.target.loss in ("asymmetric_outlier", *BINARY_LOSSES) else self.target.loss
         target = TargetSpec(column=column, task=task, mean=mean, sd=sd, loss=loss, pos_weight=pos_weight)
-        return dataclasses.replace(self, target=target, lvh_head=self.lvh_head and task == "regression")
+        optim = self.optim
+        if optim.selection_metric not in SELECTION_BY_TASK[task]:  # e.g. AUROC for a regression target
+            optim = dataclasses.replace(optim, selection_metric="loss")
+        return dataclasses.replace(self, target=target, lvh_head=self.lvh_head and task == "regression", optim=optim)
 
     def input_compatible(self, other: Preset) -> bool:
         """True when both presets feed a network the same input and build the same network."""
@@ -271,9 +335,46 @@ PRESETS: dict[str, Preset] = {
                 max_epochs=30,
             ),
         ),
+        Preset(
+            name="ptbxl-lvh",
+            description="Real 12-lead ECGs (PTB-XL-like), 100 Hz x 10 s, binary LVH statement: uV/1000 "
+            "(absolute voltage, no per-record scaling), kernel 9, stem 24, dense blocks 24/32/48/48 with batch "
+            "norm, global mean+max pooling, dropout 0.2, age and sex beside the ECG, BCE; random time shifts "
+            "of up to 1 s in training (amplitudes untouched); cosine schedule over 16 epochs; best epoch by "
+            "validation AUROC.",
+            input=InputSpec(sample_rate_hz=100, n_samples=1000, scale_uv=1000.0),
+            arch=ArchSpec(
+                kernel_size=9,
+                stem_filters=24,
+                block_filters=(24, 32, 48, 48),
+                convs_per_block=2,
+                pool_size=2,
+                batch_norm=True,
+                head="global_pool",
+                dense_units=(32,),
+                covariate_units=8,
+                dropout=0.2,
+            ),
+            target=TargetSpec(column="lvh", task="binary", mean=0.0, sd=1.0, loss="bce"),
+            covariates=(CovariateSpec("age", mean=60.0, sd=17.0), CovariateSpec("sex", mean=0.5, sd=0.5)),
+            optim=OptimSpec(
+                lr=3e-3,
+                weight_decay=1e-4,
+                batch_size=64,
+                plateau_patience=3,
+                plateau_factor=0.5,
+                early_stopping_patience=8,
+                max_epochs=16,
+                schedule="cosine",
+                selection_metric="auroc",
+            ),
+            augment=AugmentSpec(max_shift_s=1.0),
+        ),
     )
 }
 DEFAULT_PRESET = "lvm-cpu"
+#: The recipe for real ECGs with a binary LVH label (PTB-XL): ``lvm-ray train --preset ptbxl-lvh``.
+REAL_DATA_PRESET = "ptbxl-lvh"
 
 
 def preset_names() -> list[str]:
@@ -288,6 +389,53 @@ def get_preset(name: str | Preset) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}") from None
+
+
+class PresetFileError(ValueError):
+    """A preset file is missing, unreadable, or does not describe a preset (the message names it)."""
+
+
+def load_preset_file(path: str) -> Preset:
+    """A preset from a JSON or YAML file of :meth:`Preset.to_dict` (what ``lvm-ray tune`` writes)."""
+    import json
+
+    from lvm_ray import store
+
+    try:
+        text = store.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise PresetFileError(f"preset file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PresetFileError(f"preset file {path} is unreadable: {exc}") from exc
+    if path.lower().endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            payload = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise PresetFileError(f"preset file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    else:
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PresetFileError(f"preset file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict) or "name" not in payload:
+        raise PresetFileError(f"preset file {path} does not hold a preset (a mapping with 'name', 'arch', ...)")
+    try:
+        return Preset.from_dict(payload)
+    except (TypeError, ValueError) as exc:
+        raise PresetFileError(f"preset file {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def preset_file_text(preset: Preset, yaml_format: bool = False) -> str:
+    """The text of a preset file (JSON, or YAML) that :func:`load_preset_file` reads back."""
+    import json
+
+    if yaml_format:
+        import yaml
+
+        return yaml.safe_dump(json.loads(json.dumps(preset.to_dict())), sort_keys=False)
+    return json.dumps(preset.to_dict(), indent=2) + "\n"
 
 
 # --- the single preprocessing path ---------------------------------------------------------------
