@@ -36,10 +36,13 @@ def run_demo(
     the voltage rules, and followed up for incident AF, MI, HF, VA and death.
     """
     from lvm_ray.evaluate import evaluate
+    from lvm_ray.explain import example_ids
+    from lvm_ray.explain_stage import explain_dataset
+    from lvm_ray.explain_stage import format_summary as format_explain
     from lvm_ray.outcomes import format_hr, outcomes
     from lvm_ray.report import render_report
     from lvm_ray.score import format_summary as format_score
-    from lvm_ray.score import score
+    from lvm_ray.score import read_predictions, score
     from lvm_ray.synth import write_cohort
     from lvm_ray.train import train
 
@@ -77,6 +80,7 @@ def run_demo(
     typer.echo(f"   ({time.time() - t0:.0f} s)")
     outputs["run"] = run
     outputs["checkpoint"] = result.model_path
+    outputs["model_card"] = f"{run}/model_card.md"  # written by train from the checkpoint and run record
 
     n_out = n_outpatient or n
     t0 = _step(f"4. outpatient cohort ({n_out}, seed {seed + 1}): score with a Ray Data actor pool")
@@ -114,8 +118,19 @@ def run_demo(
             )
     outputs["outcomes"] = outcomes_dir
 
-    _step("7. report")
-    outputs["report"] = render_report(eval_dir, outcomes_dir, str(workdir / "report.html"))
+    _step("7. explain the highest, median and lowest predicted LVMI (integrated gradients)")
+    explanations = str(workdir / "explanations")
+    examples = example_ids(read_predictions(predictions, columns=["ecg_id", "lvmi_pred", "lv_mass_pred_g"]))
+    explained = explain_dataset(
+        outpatients, result.model_path, explanations, ids=examples, figures=True, overwrite=True
+    )
+    typer.echo(format_explain(explained))
+    outputs["explanations"] = explanations
+
+    _step("8. report")
+    outputs["report"] = render_report(
+        eval_dir, outcomes_dir, str(workdir / "report.html"), explanations=explanations, run=run
+    )
 
     (workdir / "outputs.json").write_text(json.dumps(outputs, indent=2))
     typer.secho(f"\nDemo finished in {time.time() - started:.0f} s. Outputs:", bold=True)

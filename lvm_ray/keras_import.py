@@ -912,4 +912,7 @@ def import_keras(
         "model_file": MODEL_FILE,
     }
     store.write_json(store.join_url(run, RUN_FILE), record)
+    from lvm_ray.modelcard import write_model_card
+
+    write_model_card(run)  # RUN/model_card.md: says plainly that these weights are imported
     return ImportResult(run, model_url, imported.preset, imported.provenance)

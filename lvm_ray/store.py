@@ -419,6 +419,7 @@ OUTPUT_MARKERS: dict[str, str] = {
     "evaluation": "metrics.json",
     "outcomes": "outcomes.json",
     "validation": "_validation.json",
+    "explanations": "_explanations.json",
 }
 
 
