@@ -236,35 +236,97 @@ def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
 def add_rules_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset URL")
     parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--batch-size", type=int, default=64, help="ECGs per measure_batch call (as `lvm-ray rules`)")
+    parser.add_argument(
+        "--reference-ecgs",
+        type=int,
+        default=2000,
+        help="ECGs also measured by the per-ECG reference (jobs/rules_reference.py), batch by batch; 0: none",
+    )
+    parser.add_argument("--skip-ray", action="store_true", help="only the one-process measurements")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
 
 
-def run_rules(args: argparse.Namespace) -> dict[str, Any]:
-    """`lvm-ray rules` on Ray Data against measure_batch in one process over the same ECGs."""
-    from lvm_ray import store
-    from lvm_ray.measure import measure_rules
-    from lvm_ray.ray_utils import ensure_connected
-    from lvm_ray.rules import measure_batch
+def _rules_reference() -> Any:
+    """jobs/rules_reference.py (the per-ECG measurement before batching), imported by path."""
+    import importlib.util
 
-    ensure_connected(args.address)
-    n = 0
-    baseline_s = 0.0
-    for table in store.iter_shards(args.data, columns=["ecg", "sex"]):
-        ecg = store.ecg_array(table)
-        started = time.perf_counter()
-        measure_batch(ecg, table.column("sex").to_pylist())
-        baseline_s += time.perf_counter() - started
-        n += len(ecg)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = measure_rules(args.data, os.path.join(tmp, "rules"))
-    return {
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rules_reference.py")
+    spec = importlib.util.spec_from_file_location("rules_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_rules(args: argparse.Namespace) -> dict[str, Any]:
+    """measure_batch in one process (one core: BLAS limited to one thread) against the per-ECG
+    reference on the same batches (interleaved, so both see the same machine load), then
+    `lvm-ray rules` on Ray Data. Wall and CPU seconds are both reported: on a shared machine
+    the CPU-time ratio is the steadier one."""
+    from threadpoolctl import threadpool_limits
+
+    from lvm_ray import store
+    from lvm_ray.rules import AMPLITUDE_COLUMNS, RULE_FLAG_COLUMNS, measure_batch
+
+    reference = _rules_reference() if args.reference_ecgs > 0 else None
+    n = n_ref = 0
+    new_s = new_cpu = new_ref_s = new_ref_cpu = ref_s = ref_cpu = 0.0
+    worst_median_diff = 0.0
+    flags_identical = True
+    with threadpool_limits(limits=1):
+        for table in store.iter_shards(args.data, columns=["ecg", "sex"]):
+            ecg_all = store.ecg_array(table)
+            sex_all = table.column("sex").to_pylist()
+            for i in range(0, len(ecg_all), args.batch_size):
+                ecg, sex = ecg_all[i : i + args.batch_size], sex_all[i : i + args.batch_size]
+                wall, cpu = time.perf_counter(), time.process_time()
+                new = measure_batch(ecg, sex)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                n += len(ecg)
+                new_s += wall
+                new_cpu += cpu
+                if reference is None or n_ref >= args.reference_ecgs:
+                    continue
+                started, started_cpu = time.perf_counter(), time.process_time()
+                old = reference.measure_batch(ecg, sex)
+                ref_s += time.perf_counter() - started
+                ref_cpu += time.process_time() - started_cpu
+                n_ref += len(ecg)
+                new_ref_s += wall
+                new_ref_cpu += cpu
+                diffs = (new[list(AMPLITUDE_COLUMNS)] - old[list(AMPLITUDE_COLUMNS)]).abs().median()
+                worst_median_diff = max(worst_median_diff, float(np.nan_to_num(diffs.max())))
+                flags_identical &= all(new[c].equals(old[c]) for c in RULE_FLAG_COLUMNS)
+                flags_identical &= new["rules_error"].equals(old["rules_error"])
+    report: dict[str, Any] = {
         "n": n,
-        "baseline_one_process_s": baseline_s,
-        "ecgs_per_s_per_core": n / baseline_s,
-        "ray_data_s": result.seconds,
-        "ray_data_ecgs_per_s": n / result.seconds,
-        "cpus": os.cpu_count(),
+        "batch_size": args.batch_size,
+        "baseline_one_process_s": new_s,
+        "ecgs_per_s_per_core": n / new_s,
+        "ecgs_per_cpu_s": n / new_cpu,
     }
+    if n_ref:
+        report["reference"] = {
+            "implementation": "jobs/rules_reference.py (per-ECG median beats, neurokit2 detector)",
+            "n": n_ref,
+            "ecgs_per_s_per_core": n_ref / ref_s,
+            "ecgs_per_cpu_s": n_ref / ref_cpu,
+            "new_ecgs_per_s_per_core_same_ecgs": n_ref / new_ref_s,
+            "speedup_wall": ref_s / new_ref_s,
+            "speedup_cpu": ref_cpu / new_ref_cpu,
+            "max_per_batch_median_abs_diff_uv": worst_median_diff,
+            "flags_and_reasons_identical": bool(flags_identical),
+        }
+    if not args.skip_ray:
+        from lvm_ray.measure import measure_rules
+        from lvm_ray.ray_utils import ensure_connected
+
+        ensure_connected(args.address)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = measure_rules(args.data, os.path.join(tmp, "rules"), batch_size=args.batch_size)
+        report.update({"ray_data_s": result.seconds, "ray_data_ecgs_per_s": n / result.seconds})
+    report["cpus"] = os.cpu_count()
+    return report
 
 
 # --- score ------------------------------------------------------------------------------------------
@@ -534,51 +596,132 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset URL")
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--preset", default="lvm-cpu")
+    parser.add_argument("--preset", default="lvm-cpu", help="today's recipe (the baseline)")
     parser.add_argument("--target", default=None, help="column to learn (default: the preset's)")
     parser.add_argument("--split-column", default=None)
     parser.add_argument("--val-values", nargs="*", default=[])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=12, help="epochs of today's recipe (and the plain loop)")
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--skip-plain", action="store_true", help="skip the single-process PyTorch loop")
+    parser.add_argument(
+        "--new-preset", default=None, help="a recipe to compare in the same run: a preset name or a preset file"
+    )
+    parser.add_argument("--ensemble", type=int, default=1, help="members of the new recipe (lvm-ray train --ensemble)")
+    parser.add_argument("--new-epochs", type=int, default=None, help="epochs of the new recipe (default: its own)")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
 
 
+def _val_scores(run: str, data: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ecg_id, label, model output) of RUN's model on RUN's validation split, through the Predictor."""
+    from functools import partial
+
+    from lvm_ray import store
+    from lvm_ray.predict import Predictor
+    from lvm_ray.splits import ids_in_split
+    from lvm_ray.train import split_predictions
+
+    ids = ids_in_split(store.read_parquet(os.path.join(run, "split.parquet")), "val")
+    model = os.path.join(run, "model.pt")
+    arrays = split_predictions(model, data, ids, loader=partial(Predictor.from_checkpoint, model, False))
+    order = np.argsort(arrays["ecg_id"].astype(str))  # the same ECG order for both recipes
+    return arrays["ecg_id"][order].astype(str), arrays["true"][order], arrays["pred"][order]
+
+
 def run_quality(args: argparse.Namespace) -> dict[str, Any]:
-    """Model quality: Ray Train (2 workers, streamed) vs a plain single-process PyTorch loop, same
-    preset, split, optimiser, schedule and epochs; each keeps its best epoch by validation loss."""
+    """Model quality on one validation split, in one run.
+
+    Today's recipe (``--preset``, ``--epochs``) trained by Ray Train, against a plain single-process
+    PyTorch loop with the same preset, split, optimiser (global batch and learning rate), schedule
+    and epochs, each keeping its best epoch by the preset's selection metric; and, with
+    ``--new-preset`` (``--ensemble K``), a new recipe trained by ``lvm-ray train`` on the same split,
+    compared with today's on the same validation ECGs (AUROC or r, DeLong test for AUROCs).
+    """
     import torch
 
-    from lvm_ray.fitting import epoch_metrics, make_optimizer, make_scheduler, train_epoch, validate_epoch
+    from lvm_ray.fitting import (
+        epoch_metrics,
+        make_optimizer,
+        make_scheduler,
+        selection_score,
+        step_scheduler,
+        train_epoch,
+        validate_epoch,
+    )
     from lvm_ray.model import build_model, read_payload
-    from lvm_ray.presets import Preset
+    from lvm_ray.presets import Preset, get_preset, load_preset_file
     from lvm_ray.splits import SplitSpec
+    from lvm_ray.stats import auc_ci, delong_paired_test
     from lvm_ray.train import train
 
     split = SplitSpec(column=args.split_column, val_values=tuple(args.val_values), test_fraction=0.0)
+    common = dict(
+        target=args.target,
+        num_workers=args.num_workers,
+        address=args.address,
+        split_column=args.split_column,
+        val_values=tuple(args.val_values),
+        test_fraction=0.0,
+        evaluate_test=False,
+        cache_inputs=True,
+    )
+    report: dict[str, Any] = {"epochs": args.epochs, "split": {"column": args.split_column, "val": args.val_values}}
     with tempfile.TemporaryDirectory() as tmp:
+        today_run = os.path.join(tmp, "today")
         started = time.perf_counter()
-        result = train(
-            args.data,
-            os.path.join(tmp, "run"),
-            preset=args.preset,
-            target=args.target,
-            num_workers=args.num_workers,
-            max_epochs=args.epochs,
-            address=args.address,
-            split_column=args.split_column,
-            val_values=tuple(args.val_values),
-            test_fraction=0.0,
-            evaluate_test=False,
-            cache_inputs=True,
-        )
+        result = train(args.data, today_run, preset=args.preset, max_epochs=args.epochs, **common)
         ray_s = time.perf_counter() - started
-        preset = Preset.from_dict(read_payload(os.path.join(tmp, "run", "model.pt"))["preset"])
+        preset = Preset.from_dict(read_payload(os.path.join(today_run, "model.pt"))["preset"])
+        ids, labels, today_scores = _val_scores(today_run, args.data)
+        report.update(preset=preset.name, target=preset.target.column, task=preset.target.task)
+        report["ray_train"] = {"best_epoch": result.best_epoch, **result.val_metrics, "wall_s": ray_s}
+
+        if args.new_preset:
+            new = (
+                load_preset_file(args.new_preset)
+                if args.new_preset.endswith((".json", ".yaml", ".yml"))
+                else get_preset(args.new_preset)
+            )
+            new_run = os.path.join(tmp, "new")
+            started = time.perf_counter()
+            if args.ensemble > 1:
+                from lvm_ray.ensemble import train_ensemble
+
+                new_result = train_ensemble(
+                    args.data, new_run, args.ensemble, preset=new, max_epochs=args.new_epochs, **common
+                )
+            else:
+                new_result = train(args.data, new_run, preset=new, max_epochs=args.new_epochs, **common)
+            new_s = time.perf_counter() - started
+            new_ids, new_labels, new_scores = _val_scores(new_run, args.data)
+            if not (np.array_equal(ids, new_ids) and np.array_equal(labels, new_labels, equal_nan=True)):
+                raise RuntimeError("the two recipes were validated on different ECGs")
+            trained = Preset.from_dict(read_payload(os.path.join(new_run, "model.pt"))["preset"])
+            report["new_recipe"] = {
+                "preset": trained.name,
+                "ensemble": args.ensemble,
+                "epochs": trained.optim.max_epochs,
+                "best_epoch": new_result.best_epoch,
+                **new_result.val_metrics,
+                "members": getattr(new_result, "members", None),
+                "wall_s": new_s,
+            }
+            if preset.target.task == "binary":
+                report["ray_train"]["auroc_ci"] = auc_ci(labels, today_scores)["ci"]
+                report["new_recipe"]["auroc_ci"] = auc_ci(labels, new_scores)["ci"]
+                report["comparison"] = {
+                    "what": "new recipe vs today's on the same validation ECGs (DeLong, paired)",
+                    **delong_paired_test(labels, new_scores, today_scores),
+                }
+
+    if args.skip_plain:
+        return report
     train_arrays = {k: torch.from_numpy(v) for k, v in _split_arrays(args.data, preset, split, "train").items()}
     val_arrays = {k: torch.from_numpy(v) for k, v in _split_arrays(args.data, preset, split, "val").items()}
     torch.manual_seed(0)
     torch.set_num_threads(args.num_workers)
     model = build_model(preset)
-    optim = preset.optim
+    # The checkpoint's batch is per worker: the plain loop takes the same global batch in one step.
+    global_batch = preset.optim.batch_size * args.num_workers
     optimizer = make_optimizer(preset, model.parameters())
     scheduler = make_scheduler(preset, optimizer)
     n, device = len(train_arrays["y"]), torch.device("cpu")
@@ -586,22 +729,17 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     best: dict[str, Any] = {"val_loss": float("inf")}
     started = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
-        train_epoch(model, _batches(train_arrays, optim.batch_size, True), optimizer, preset, device)
-        preds = validate_epoch(model, _batches(val_arrays, optim.batch_size, False), preset, device)
+        train_epoch(model, _batches(train_arrays, global_batch, True), optimizer, preset, device)
+        preds = validate_epoch(model, _batches(val_arrays, global_batch, False), preset, device)
         val_loss = preds.loss_sum / preds.n
-        scheduler.step(val_loss)
-        if val_loss < best["val_loss"]:
-            best = {"val_loss": val_loss, "epoch": epoch, **epoch_metrics(preset, **preds.arrays())}
+        metrics = epoch_metrics(preset, **preds.arrays())
+        step_scheduler(scheduler, val_loss)
+        if selection_score(preset, val_loss, metrics) < selection_score(preset, best["val_loss"], best):
+            best = {"val_loss": val_loss, "epoch": epoch, **metrics}
     plain_s = time.perf_counter() - started
-    return {
-        "preset": preset.name,
-        "target": preset.target.column,
-        "train_rows": n,
-        "val_rows": len(val_arrays["y"]),
-        "epochs": args.epochs,
-        "ray_train": {"best_epoch": result.best_epoch, **result.val_metrics, "wall_s": ray_s},
-        "plain_pytorch": {**best, "train_wall_s": plain_s},
-    }
+    report.update(train_rows=n, val_rows=len(val_arrays["y"]))
+    report["plain_pytorch"] = {**best, "global_batch": global_batch, "train_wall_s": plain_s}
+    return report
 
 
 # --- registry -----------------------------------------------------------------------------------------
