@@ -10,7 +10,10 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch first: a looser requirement would pull a multi-GB CUDA build.
+	# torch first, pinned as in pyproject.toml and cluster/Dockerfile. On Linux x86_64, PyPI's torch
+	# 2.13.0 is the CUDA 13.0 build (cuda-toolkit 13.0, cuDNN, NCCL wheels: several GB; it runs on
+	# CPUs too; GPUs need an R580+ driver); macOS and Windows wheels are CPU-only. The CPU build
+	# on Linux: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make install
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)

@@ -8,7 +8,11 @@
 - one Ray version everywhere: pyproject.toml's pin, the installed Ray, every rayVersion, every
   image tag and the Dockerfile's base image;
 - jobs/serve_config.yaml and the RayService's serveConfigV2 with Ray Serve's own schema;
-  jobs/runtime_env.yaml and the RayJobs' runtimeEnvYAML as Ray runtime environments.
+  jobs/runtime_env.yaml and the RayJobs' runtimeEnvYAML as Ray runtime environments;
+- what a first cluster run depends on: images with a registry and an immutable tag, RayJob
+  retries that resume the same run, GPU pods on GPU nodes with spill space and NCCL's interface,
+  a served model that is a published version on replicas spread over pods behind TLS and auth,
+  bucket access on every launcher node.
 Not checked: the CRDs' CEL rules (x-kubernetes-validations; none applies to fields we set) and
 anything only a live cluster knows (images pulling, nodes fitting the requests).
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -36,6 +41,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KUBERAY_DIR = REPO_ROOT / "cluster" / "kuberay"
 LAUNCHER_DIR = REPO_ROOT / "cluster" / "launcher"
+INGRESS = REPO_ROOT / "cluster" / "ingress" / "endpoint-ingress.yaml"
 DOCKERFILE = REPO_ROOT / "cluster" / "Dockerfile"
 SERVE_CONFIG = REPO_ROOT / "jobs" / "serve_config.yaml"
 RUNTIME_ENV = REPO_ROOT / "jobs" / "runtime_env.yaml"
@@ -240,6 +246,28 @@ def gpus(group: Mapping[str, Any]) -> int:
     return int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
 
 
+RAY_CONTAINERS = ("ray-head", "ray-worker")
+
+
+def ray_containers(doc: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(group, Ray container) for the head group and every worker group (not sidecars)."""
+    spec = cluster_spec(doc)
+    for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
+        for container in group["template"]["spec"]["containers"]:
+            if container["name"] in RAY_CONTAINERS:
+                yield group, container
+
+
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity_bytes(text: str) -> int:
+    """'250Gi' -> bytes (the binary and decimal suffixes Kubernetes quantities use for storage)."""
+    match = re.fullmatch(r"(\d+)([KMGT]i?|k)?", str(text))
+    assert match, f"not a storage quantity: {text!r}"
+    return int(match[1]) * _UNITS.get(match[2] or "", 1)
+
+
 # --------------------------------------------------------------------------------------------
 # KubeRay manifests
 
@@ -386,6 +414,112 @@ def test_training_job_has_a_gpu_for_every_worker() -> None:
     assert sum(g["replicas"] * gpus(g) for g in groups) == params["num_workers"]
 
 
+@pytest.mark.parametrize("name", ["RayJob/lvm-ray-train", "RayJob/lvm-ray-score"])
+def test_rayjob_retries_resume_the_same_run(name: str) -> None:
+    """KubeRay retries a failed job on a new cluster with the same entrypoint: the run (or the
+    predictions folder) is a fixed object-storage URL, so the retry resumes it; an attempt that
+    never starts (no GPU capacity, an image that does not pull) fails after a deadline."""
+    spec = manifests()[name]["spec"]
+    assert spec["backoffLimit"] >= 1
+    assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
+    # KubeRay (v1.7 ValidateRayJobSpec) refuses retries in InteractiveMode, a TTL without
+    # shutdownAfterJobFinishes, and a deletionStrategy unless a feature gate is on.
+    assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode" and "deletionStrategy" not in spec
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    words = shlex.split(spec["entrypoint"])
+    command = Path(words[1]).stem
+    params = _cli_params(command, words[2:])
+    resumed = params["run"] if command == "train" else params["out"]
+    assert re.match(r"^(s3|gs)://", resumed), resumed  # outlives every cluster
+
+
+def test_training_job_logs_outlive_its_cluster() -> None:
+    """Each pod of the training job copies Ray's log files (driver on the head, workers on the
+    GPU pods) from the Ray container's /tmp/ray to a sidecar's stdout, which the Kubernetes log
+    pipeline keeps after the pods are gone."""
+    doc = manifests()["RayJob/lvm-ray-train"]
+    for group, container in ray_containers(doc):
+        (volume,) = [m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/tmp/ray"]
+        sidecars = [c for c in group["template"]["spec"]["containers"] if c["name"] not in RAY_CONTAINERS]
+        (tailer,) = [c for c in sidecars if any(m["name"] == volume for m in c.get("volumeMounts", []))]
+        paths = next(a for a in tailer["args"] if a.startswith("path="))
+        wanted = "job-driver-" if container["name"] == "ray-head" else "worker-"
+        assert f"/tmp/ray/session_latest/logs/{wanted}" in paths, paths
+
+
+ACCELERATOR_LABELS = {"cloud.google.com/gke-accelerator", "node.kubernetes.io/instance-type"}
+
+
+def test_gpu_pods_land_on_gpu_nodes_with_room_to_spill() -> None:
+    """Every Ray pod keeps /tmp/ray (logs, object spilling) on an emptyDir that fits its
+    ephemeral-storage limit; GPU pods select accelerator nodes (GKE auto-provisioning creates a
+    GPU pool only from the selector) and tolerate the GPU taint; those that can train tell NCCL
+    which interface to use."""
+    for key, doc in manifests().items():
+        for group, container in ray_containers(doc):
+            pod = group["template"]["spec"]
+            resources = container["resources"]
+            assert "ephemeral-storage" in resources["requests"], (key, container["name"])
+            (volume,) = [m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/tmp/ray"]
+            (spill,) = [v["emptyDir"] for v in pod["volumes"] if v["name"] == volume]
+            assert quantity_bytes(spill["sizeLimit"]) <= quantity_bytes(resources["limits"]["ephemeral-storage"])
+            if not int(resources["limits"].get("nvidia.com/gpu", 0)):
+                continue
+            assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"])
+            assert set(pod["nodeSelector"]) & ACCELERATOR_LABELS, (key, pod.get("nodeSelector"))
+            trains = doc["kind"] == "RayCluster" or "jobs/train.py" in doc["spec"].get("entrypoint", "")
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("NCCL_SOCKET_IFNAME") or not trains, (key, env)  # DDP's all-reduce between pods
+
+
+#: Where jobs/publish_model.py puts a model: <to>/<preset>-<epoch|ensemble>-<weights digest>/model.pt.
+PUBLISHED_MODEL = re.compile(r"/[a-z0-9.-]+-(epoch\d+|ensemble\d+)-[0-9a-f]{12}/model\.pt$")
+
+
+def test_the_endpoint_serves_a_published_model_from_replicas_on_different_pods() -> None:
+    spec = importlib.util.spec_from_file_location("publish_model", REPO_ROOT / "jobs" / "publish_model.py")
+    assert spec and spec.loader
+    publish = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(publish)
+    example = publish.version_folder("0.1.0/lvm-ai-2021/epoch57/3f2a9c1b7d4e") + "/model.pt"
+    assert PUBLISHED_MODEL.search("/" + example)
+
+    (app,) = _serve_configs()["rayservice serveConfigV2"]["applications"]
+    assert PUBLISHED_MODEL.search(app["args"]["checkpoint"]), app["args"]["checkpoint"]
+    score = manifests()["RayJob/lvm-ray-score"]["spec"]["entrypoint"]
+    assert PUBLISHED_MODEL.search(_cli_params("score", shlex.split(score)[2:])["checkpoint"])
+
+    (deployment,) = app["deployments"]
+    auto = deployment["autoscaling_config"]
+    assert deployment["max_replicas_per_node"] == 1
+    doc = manifests()["RayService/lvm-ray-endpoint"]
+    replica_groups = [g for g in cluster_spec(doc)["workerGroupSpecs"]]
+    assert sum(g["minReplicas"] for g in replica_groups) >= auto["min_replicas"] >= 2
+    assert sum(g["maxReplicas"] for g in replica_groups) >= auto["max_replicas"]
+    for group in replica_groups:
+        labels = group["template"]["metadata"]["labels"]
+        spread = group["template"]["spec"]["topologySpreadConstraints"]
+        assert any(c["topologyKey"] == "kubernetes.io/hostname" for c in spread)
+        assert all(c["labelSelector"]["matchLabels"].items() <= labels.items() for c in spread)
+        (container,) = [c for c in group["template"]["spec"]["containers"] if c["name"] == "ray-worker"]
+        assert float(container["resources"]["limits"]["cpu"]) >= deployment["ray_actor_options"]["num_cpus"]
+
+
+def test_ingress_puts_tls_and_auth_in_front_of_the_serve_service() -> None:
+    (ingress,) = load_docs(INGRESS)
+    assert (ingress["apiVersion"], ingress["kind"]) == ("networking.k8s.io/v1", "Ingress")
+    service_name = manifests()["RayService/lvm-ray-endpoint"]["metadata"]["name"] + "-serve-svc"  # KubeRay's name
+    port = _serve_configs()["rayservice serveConfigV2"].get("http_options", {}).get("port", 8000)
+    rules = ingress["spec"]["rules"]
+    backends = [p["backend"]["service"] for r in rules for p in r["http"]["paths"]]
+    assert backends == [{"name": service_name, "port": {"number": port}}]
+    assert {r["host"] for r in rules} <= {h for t in ingress["spec"]["tls"] for h in t["hosts"]}
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/auth-type"] == "basic"
+    assert annotations["nginx.ingress.kubernetes.io/auth-secret"]
+    assert annotations["nginx.ingress.kubernetes.io/force-ssl-redirect"] == "true"
+
+
 # --------------------------------------------------------------------------------------------
 # one Ray version everywhere
 
@@ -407,7 +541,7 @@ def test_ray_version_is_the_same_everywhere() -> None:
     for key, doc in manifests().items():
         assert cluster_spec(doc)["rayVersion"] == version, key
 
-    images = [image for doc in manifests().values() for image in find_images(doc)]
+    images = [container["image"] for doc in manifests().values() for _, container in ray_containers(doc)]
     for path in LAUNCHER_CONFIGS:
         images += list(find_images(yaml.safe_load(path.read_text())["docker"]))
     assert images
@@ -417,6 +551,37 @@ def test_ray_version_is_the_same_everywhere() -> None:
 
     (base,) = re.findall(r"^FROM\s+(\S+)", DOCKERFILE.read_text(), flags=re.MULTILINE)
     assert base.startswith("rayproject/ray:") and image_tag(base).startswith(f"{version}-"), base
+
+
+#: The project image's tags end in the commit they were built from: never reused.
+IMMUTABLE_TAG = re.compile(r"-g[0-9a-f]{7,40}$")
+
+
+def test_images_name_a_registry_and_an_immutable_tag() -> None:
+    """No bare name (which pulls from Docker Hub) and no reusable tag (which a node that cached
+    it never refreshes): the project image's tag ends in its commit, others pin a release."""
+    images = {image for doc in manifests().values() for image in find_images(doc)}
+    for path in LAUNCHER_CONFIGS:
+        images |= set(find_images(yaml.safe_load(path.read_text())["docker"]))
+    for image in images:
+        registry = image.split("/", 1)[0]
+        assert "/" in image and ("." in registry or ":" in registry), f"{image}: no registry host"
+        tag = image_tag(image)
+        assert "@sha256:" in image or (tag != "latest" and re.search(r"\d+\.\d+", tag)), image
+    ours = {image for image in images if "/lvm-ray:" in image}
+    assert ours and all(IMMUTABLE_TAG.search(image_tag(image)) for image in ours), ours
+
+
+def test_the_image_tag_names_the_cuda_torch_is_built_for() -> None:
+    """One CUDA in the image, torch's: the base is Ray's CPU image, the build checks torch's CUDA
+    version, and the tag says it (-cu130- for 13.0), which is what decides the driver nodes need."""
+    text = DOCKERFILE.read_text()
+    (base,) = re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
+    assert image_tag(base).endswith("-cpu"), base
+    (cuda,) = re.findall(r"^ARG TORCH_CUDA=(\S+)$", text, flags=re.MULTILINE)
+    assert "torch.version.cuda" in text and "${TORCH_CUDA}" in text
+    tags = {image_tag(container["image"]) for doc in manifests().values() for _, container in ray_containers(doc)}
+    assert tags and all(f"-cu{cuda.replace('.', '')}-" in tag for tag in tags), (cuda, tags)
 
 
 def _torch_pin(text: str) -> str:
@@ -496,6 +661,43 @@ def test_a_broken_launcher_config_is_rejected(launcher_validator: Any) -> None:
         "'8' is not of type 'integer'",
         "Additional properties are not allowed ('imagee' was unexpected)",
     ]
+
+
+def test_every_launcher_node_reaches_the_bucket() -> None:
+    """Workers read shards and write checkpoints: every AWS node type has an instance profile;
+    every GCP worker type runs as a service account with the cloud-platform scope (Ray gives the
+    GCP head its own account with storage access)."""
+    aws = yaml.safe_load((LAUNCHER_DIR / "aws-gpu.yaml").read_text())
+    for name, node_type in aws["available_node_types"].items():
+        assert node_type["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
+    gcp = yaml.safe_load((LAUNCHER_DIR / "gcp-gpu.yaml").read_text())
+    for name, node_type in gcp["available_node_types"].items():
+        if name == gcp["head_node_type"]:
+            continue
+        (account,) = node_type["node_config"]["serviceAccounts"]
+        assert account["email"].endswith(".iam.gserviceaccount.com"), name
+        assert "https://www.googleapis.com/auth/cloud-platform" in account["scopes"], name
+
+
+def test_gcp_gpu_nodes_wait_for_the_driver_install(tmp_path: Path) -> None:
+    """A GCP GPU node installs its driver on first boot; its initialization command waits until
+    nvidia-smi works (here a stand-in that works on the third call) before Docker starts."""
+    gcp = yaml.safe_load((LAUNCHER_DIR / "gcp-gpu.yaml").read_text())
+    gpu_types = [t for t in gcp["available_node_types"].values() if t["node_config"].get("guestAccelerators")]
+    assert gpu_types
+    for node_type in gpu_types:
+        (command,) = [c for c in node_type["initialization_commands"] if "nvidia-smi" in c]
+        fake = tmp_path / "nvidia-smi"
+        fake.write_text(
+            '#!/bin/sh\nn=$(cat "$0.calls" 2>/dev/null || echo 0); echo $((n+1)) > "$0.calls"; [ "$n" -ge 2 ]\n'
+        )
+        fake.chmod(0o755)
+        fast = command.replace("sleep 10", "sleep 0.1")
+        env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+        done = subprocess.run(["bash", "-c", fast], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "nvidia-smi.calls").read_text().strip() == "3"
+        (tmp_path / "nvidia-smi.calls").unlink()
 
 
 # --------------------------------------------------------------------------------------------
