@@ -97,7 +97,19 @@ class PredictResponse(BaseModel):
     lvh: bool | None = Field(
         None, description="Predicted LVH (LVMI over the sex threshold), when BSA and sex are known."
     )
-    lvh_probability: float | None = None
+    lvh_probability: float | None = Field(None, description="The LVH head's raw output, when the model has one.")
+    lv_mass_lo_g: float | None = Field(
+        None,
+        description="Lower end of the prediction interval for CMR LV mass (g), when the model is calibrated "
+        "(split-conformal by sex: at the stated level, intervals cover the CMR LV mass of that share of ECGs).",
+    )
+    lv_mass_hi_g: float | None = Field(None, description="Upper end of the prediction interval (g).")
+    interval_level: float | None = Field(None, description="Level of the interval, e.g. 0.9 for 90%.")
+    lvh_probability_calibrated: float | None = Field(
+        None,
+        description="Calibrated probability of CMR LVH (LVMI over the sex threshold) from the conformal "
+        "predictive distribution of LV mass, when the model is calibrated and BSA and sex are known.",
+    )
     prediction: dict[str, float | None] = Field(default_factory=dict, description="Other targets' outputs.")
     rules: RuleResult
     model_version: str
@@ -115,6 +127,10 @@ class ModelInfo(BaseModel):
     covariates: list[str]
     lvh_head: bool
     training: dict[str, Any]
+    interval_level: float | None = Field(None, description="Level of the prediction intervals (None: uncalibrated).")
+    calibration: dict[str, Any] | None = Field(
+        None, description="The intervals' calibration: method, id, ECGs per sex, and provenance (data, split, date)."
+    )
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -220,7 +236,8 @@ def response_from_row(row: dict[str, Any], warnings: list[str]) -> dict[str, Any
     measurements = {
         k: _finite_or_none(v) for k, v in row.items() if k.startswith(("r_uv_", "s_uv_")) or k in _RULE_MEASUREMENTS
     }
-    flags = {k: _bool_or_none(v) for k, v in row.items() if k.startswith("lvh_") and k not in ("lvh_pred", "lvh_prob")}
+    not_flags = ("lvh_pred", "lvh_prob", "lvh_prob_calibrated")
+    flags = {k: _bool_or_none(v) for k, v in row.items() if k.startswith("lvh_") and k not in not_flags}
     other_targets = {
         k: _finite_or_none(v)
         for k, v in row.items()
@@ -235,6 +252,10 @@ def response_from_row(row: dict[str, Any], warnings: list[str]) -> dict[str, Any
         "lvmi": _finite_or_none(row.get("lvmi_pred")),
         "lvh": _bool_or_none(row.get("lvh_pred")),
         "lvh_probability": _finite_or_none(row.get("lvh_prob")),
+        "lv_mass_lo_g": _finite_or_none(row.get("lv_mass_pred_lo_g")),
+        "lv_mass_hi_g": _finite_or_none(row.get("lv_mass_pred_hi_g")),
+        "interval_level": _finite_or_none(row.get("interval_level")),
+        "lvh_probability_calibrated": _finite_or_none(row.get("lvh_prob_calibrated")),
         "prediction": other_targets,
         "rules": {"measurements": measurements, "flags": flags, "error": rules_error},
         "model_version": row["model_version"],
@@ -256,6 +277,8 @@ def model_info(predictor: "Predictor") -> dict[str, Any]:
         "covariates": list(preset.covariate_names),
         "lvh_head": preset.lvh_head,
         "training": predictor.training_summary,
+        "interval_level": predictor.level,
+        "calibration": predictor.training_summary.get("calibration"),
     }
 
 

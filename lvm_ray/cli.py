@@ -347,6 +347,10 @@ def score(
     overwrite: Annotated[
         bool, typer.Option(help="Replace earlier predictions in --out (only lvm-ray's prediction files).")
     ] = False,
+    interval_level: Annotated[
+        float | None,
+        typer.Option(help="Level of the LV mass prediction intervals, e.g. 0.8 (default: the calibration's, 0.9)."),
+    ] = None,
     address: AddressOption = None,
     verbose: VerboseOption = False,
 ) -> None:
@@ -369,6 +373,7 @@ def score(
             overwrite=overwrite,
             address=address,
             verbose=verbose,
+            interval_level=interval_level,
         )
     except (ScoringError, StoreError, CheckpointError, ClusterError) as exc:
         _fail(str(exc))
@@ -399,6 +404,24 @@ def evaluate(
         if c.get("auc") is not None:
             p = metrics["delong_p"].get(name)
             typer.echo(f"  c {name:<14s}{c['auc']:.3f} {_ci_text(c.get('ci'))}" + (f"  P={p:.3g}" if p else ""))
+    interval = metrics.get("interval") or {}
+    if interval.get("coverage") is not None:
+        sexes = interval.get("by_sex") or {}
+        by_sex = ", ".join(f"{s} {100 * v['coverage']:.1f}%" for s, v in sexes.items() if v.get("coverage") is not None)
+        level = f"{100 * interval['level']:g}%" if interval.get("level") else "mixed-level"
+        lo, hi = interval["coverage_ci"]
+        typer.echo(
+            f"  {level} intervals cover {100 * interval['coverage']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}; "
+            f"{by_sex}); mean width {interval['mean_width_g']:.1f} g"
+        )
+    probability = (metrics.get("calibration") or {}).get("lvh_prob_calibrated") or {}
+    if probability.get("brier") is not None:
+        slope = probability.get("slope")
+        typer.echo(
+            f"  lvh_prob_calibrated: Brier {probability['brier']:.4f} (prevalence only "
+            f"{probability['brier_prevalence_only']:.4f}), calibration slope "
+            + ("-" if slope is None else f"{slope:.2f}")
+        )
     for note in metrics.get("notes") or []:
         typer.echo(f"  note: {note}")
     typer.echo(f"  table: {join_url(out, 'table.md')}")
@@ -632,6 +655,37 @@ def validate(
     except (FileNotFoundError, ValueError, StoreError, ScoringError, CheckpointError, ClusterError) as exc:
         _fail(_one_line(exc))
     typer.echo(format_summary(outputs, out))
+
+
+@app.command()
+@_interruptible
+def calibrate(
+    run: Annotated[str, typer.Option(help="Run folder (from `lvm-ray train` or `lvm-ray import-keras`).")],
+    data: Annotated[str, typer.Option(help="Dataset with CMR labels (lv_mass_g, sex, height/weight or bsa_m2).")],
+    split: Annotated[
+        str | None,
+        typer.Option(help="Use only this split of RUN/split.parquet (val or test); default: all labelled rows."),
+    ] = None,
+    interval_level: Annotated[
+        float, typer.Option(help="Default level of the prediction intervals (score can choose another).")
+    ] = 0.9,
+    address: AddressOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Calibrate a run's LV mass prediction intervals and LVH probability on labelled ECGs (rewrites RUN/model.pt)."""
+    from lvm_ray.calibrate import CalibrateError
+    from lvm_ray.calibrate import calibrate as run_calibrate
+    from lvm_ray.conformal import CalibrationError
+    from lvm_ray.model import CheckpointError
+    from lvm_ray.ray_utils import ClusterError
+    from lvm_ray.store import StoreError
+
+    _setup_logging(verbose)
+    try:
+        result = run_calibrate(run, data, split=split, level=interval_level, address=address, verbose=verbose)
+    except (CalibrateError, CalibrationError, CheckpointError, StoreError, ClusterError) as exc:
+        _fail(_one_line(exc))
+    typer.echo(result.summary())
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -323,6 +323,23 @@ def write_payload(url: str, payload: Mapping[str, Any]) -> None:
         f.write(buffer.getvalue())
 
 
+def write_calibration(url: str, calibration: Mapping[str, Any] | None) -> str:
+    """Rewrite the checkpoint at ``url`` with ``calibration`` (``lvm_ray.conformal`` payload; None removes it).
+
+    Weights, preset and all other entries are kept, so its model_version does not change; the file
+    is replaced atomically (readers see the old or the new checkpoint). Returns the file's URL.
+    """
+    from lvm_ray.store import write_atomic
+
+    target = _model_url(url)
+    payload = read_payload(target)
+    payload["calibration"] = dict(calibration) if calibration else None
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomic(target, buffer.getvalue())
+    return target
+
+
 def save_checkpoint(url: str, model: nn.Module, preset: Preset, **extra: Any) -> None:
     """Write a checkpoint file (model weights + preset + normalisation + version + extras)."""
     write_payload(url, checkpoint_payload(model, preset, **extra))

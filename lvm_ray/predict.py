@@ -15,13 +15,23 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lvm_ray.conformal import Calibration, CalibrationError, check_level
 from lvm_ray.lvh import LVHConfig, derive
-from lvm_ray.model import LoadedCheckpoint, LVMNet, load_checkpoint, read_payload
+from lvm_ray.model import (
+    CheckpointError,
+    LoadedCheckpoint,
+    LVMNet,
+    load_checkpoint,
+    read_payload,
+)
 from lvm_ray.presets import Preset, model_to_target, prepare_covariates, prepare_input
 from lvm_ray.rules import RulesConfig, measure_batch
 
 #: Covariate columns the predictor reads from the metadata that travels with each ECG.
 COVARIATE_INPUTS = ("age", "sex", "height_cm", "weight_kg", "bsa_m2", "bmi")
+#: The columns a calibration adds (null for an uncalibrated checkpoint): the interval bounds, its
+#: level and P(CMR LVH) from the conformal predictive distribution (lvm_ray.conformal).
+INTERVAL_COLUMNS = ("lv_mass_pred_lo_g", "lv_mass_pred_hi_g", "interval_level", "lvh_prob_calibrated")
 
 
 def select_device(use_gpu: bool | None = None) -> torch.device:
@@ -54,12 +64,26 @@ class Predictor:
     lvh_config: LVHConfig = field(default_factory=LVHConfig)
     rules_config: RulesConfig = field(default_factory=RulesConfig)
     training_summary: dict[str, Any] = field(default_factory=dict)
+    #: The conformal calibration stored in the checkpoint (None: intervals and lvh_prob_calibrated are null).
+    calibration: Calibration | None = None
+    #: Interval level used when predicting (None: the calibration's own, 0.9 unless set otherwise).
+    interval_level: float | None = None
 
     @classmethod
-    def from_checkpoint(cls, url: str, use_gpu: bool | None = None, expected_preset: str | None = None) -> Predictor:
+    def from_checkpoint(
+        cls,
+        url: str,
+        use_gpu: bool | None = None,
+        expected_preset: str | None = None,
+        interval_level: float | None = None,
+    ) -> Predictor:
+        if interval_level is not None:
+            interval_level = check_level(interval_level)
         device = select_device(use_gpu)
         loaded: LoadedCheckpoint = load_checkpoint(url, expected_preset=expected_preset, map_location=device)
         payload = loaded.payload
+        version = model_version(payload)
+        calibration = checkpoint_calibration(payload, version)
         summary = {
             "epoch": payload.get("epoch"),
             "metrics": payload.get("metrics", {}),
@@ -67,8 +91,18 @@ class Predictor:
             "package_version": payload.get("package_version"),
             # Where the weights came from (training run, or an imported Keras file and its sha256).
             "provenance": payload.get("provenance", {}),
+            # Which data the intervals were calibrated on, how many ECGs (None: not calibrated).
+            "calibration": calibration.summary() if calibration else None,
         }
-        return cls(loaded.model, loaded.preset, model_version(payload), device, training_summary=summary)
+        return cls(
+            loaded.model,
+            loaded.preset,
+            version,
+            device,
+            training_summary=summary,
+            calibration=calibration,
+            interval_level=interval_level,
+        )
 
     @classmethod
     def checkpoint_version(cls, url: str) -> str:
@@ -77,6 +111,13 @@ class Predictor:
     @property
     def target_column(self) -> str:
         return self.preset.target.column
+
+    @property
+    def level(self) -> float | None:
+        """The interval level of this predictor's intervals (None when the checkpoint is uncalibrated)."""
+        if self.calibration is None:
+            return None
+        return self.interval_level if self.interval_level is not None else self.calibration.level
 
     @torch.inference_mode()
     def model_outputs(self, ecg: np.ndarray, covariates: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -109,6 +150,8 @@ class Predictor:
             frame["lv_mass_pred_g"] = main
             frame["lvmi_pred"] = derived["lvmi"].to_numpy()
             frame["lvh_pred"] = derived["lvh"].to_numpy()
+            for name, values in self._intervals(main, sex, derived["bsa_m2"].to_numpy(dtype=float)).items():
+                frame[name] = values
         elif self.preset.target.task == "regression":
             frame[f"{self.target_column}_pred"] = main
         else:
@@ -120,6 +163,42 @@ class Predictor:
         frame["model_preset"] = self.preset.name
         frame["model_version"] = self.version
         return frame
+
+    def _intervals(self, main: np.ndarray, sex: np.ndarray, bsa_m2: np.ndarray) -> dict[str, np.ndarray]:
+        """The INTERVAL_COLUMNS: from the calibration when there is one, else NaN (null)."""
+        n = len(main)
+        if self.calibration is None:
+            return {name: np.full(n, np.nan) for name in INTERVAL_COLUMNS}
+        level = float(self.level)
+        bands = self.calibration.predict(main, sex, bsa_m2, self.lvh_config.thresholds_g_m2, level)
+        return {
+            "lv_mass_pred_lo_g": bands["lo"],
+            "lv_mass_pred_hi_g": bands["hi"],
+            "interval_level": np.where(np.isfinite(bands["lo"]), level, np.nan),
+            "lvh_prob_calibrated": bands["lvh_prob"],
+        }
+
+
+def checkpoint_calibration(payload: Mapping[str, Any], version: str | None = None) -> Calibration | None:
+    """The calibration a checkpoint carries (None if it has none); CheckpointError if unusable.
+
+    A calibration records the model_version it was fitted for: one moved onto other weights is refused.
+    """
+    stored = payload.get("calibration")
+    if not stored:
+        return None
+    try:
+        calibration = Calibration.from_payload(stored)
+    except CalibrationError as exc:
+        raise CheckpointError(str(exc)) from exc
+    fitted_for = calibration.provenance.get("model_version")
+    version = version or model_version(payload)
+    if fitted_for is not None and fitted_for != version:
+        raise CheckpointError(
+            f"the checkpoint's calibration was fitted for model {fitted_for}, not these weights ({version}); "
+            "run `lvm-ray calibrate` again"
+        )
+    return calibration
 
 
 def _column(metadata: Mapping[str, Any], name: str, n: int, kind: type) -> np.ndarray:

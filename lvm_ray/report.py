@@ -378,7 +378,7 @@ def calibration_figure(metrics: dict[str, Any]) -> Figure:
                 ]
                 for d in deciles
             ]
-        ).T
+        ).T.clip(min=0)
         lo, hi = float(min(x.min(), y.min())) * 0.95, float(max(x.max(), y.max())) * 1.05
         mass_ax.plot([lo, hi], [lo, hi], color="#444", lw=1, ls="--", label="identity")
         mass_ax.errorbar(x, y, yerr=err, fmt="o", color="#2c7fb8", capsize=3, label="decile of prediction")
@@ -410,7 +410,10 @@ def calibration_figure(metrics: dict[str, Any]) -> Figure:
             continue
         px = np.array([b["mean_predicted"] for b in bins])
         py = np.array([b["observed"] for b in bins])
-        err = np.array([[b["observed"] - b["observed_ci"][0], b["observed_ci"][1] - b["observed"]] for b in bins]).T
+        # Clipped at 0: a Wilson bound can sit a rounding error on the wrong side of the estimate.
+        err = np.clip(
+            [[b["observed"] - b["observed_ci"][0], b["observed_ci"][1] - b["observed"]] for b in bins], 0, 1
+        ).T
         stats = calibration[column]
         text = f"{label}: slope {_num(stats.get('slope'), 2)}, Brier {_num(stats.get('brier'), 3)}"
         prob_ax.errorbar(px, py, yerr=err, fmt=marker + "-", color=colour, capsize=3, lw=1, label=text)

@@ -27,7 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lvm_ray import store
-from lvm_ray.predict import Predictor
+from lvm_ray.conformal import CalibrationError, check_level
+from lvm_ray.model import read_payload
+from lvm_ray.predict import Predictor, checkpoint_calibration, model_version
 from lvm_ray.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,9 @@ class ScoreResult:
     model_version: str
     #: ECGs that ingest flagged (quality_flag, e.g. amplitude-normalised): scored, but meaningless.
     n_flagged: int = 0
+    #: Level of the prediction intervals, and the id of the checkpoint's calibration (None: uncalibrated).
+    interval_level: float | None = None
+    calibration_id: str | None = None
 
 
 def _parts_url(out: str) -> str:
@@ -178,6 +183,7 @@ def score(
     rows_per_file: int = 2048,
     address: str | None = None,
     verbose: bool = False,
+    interval_level: float | None = None,
 ) -> ScoreResult:
     """Score every ECG of ``data`` with the model at ``checkpoint`` into ``out`` (a folder of parquet).
 
@@ -185,6 +191,8 @@ def score(
     ``loader`` defaults to loading ``checkpoint``; ``use_gpu`` follows the one GPU policy
     (:func:`lvm_ray.ray_utils.resolve_gpu`); ``num_actors`` defaults to one per GPU or a CPU
     share. ``overwrite`` removes only earlier predictions (parts/ and the summary).
+    ``interval_level``: level of the lv_mass_pred_lo_g/hi_g intervals (default: the calibration's,
+    0.9); an uncalibrated checkpoint gives null intervals and lvh_prob_calibrated.
     """
     from ray.data import ActorPoolStrategy
 
@@ -193,7 +201,7 @@ def score(
     started = time.time()
     manifest = store.read_manifest(data)
     check_output_folder(out, data)
-    version = Predictor.checkpoint_version(checkpoint) if checkpoint else None
+    version, intervals = _checkpoint_identity(checkpoint, interval_level) if checkpoint else (None, {})
     if overwrite:
         remove_predictions(out)
     done_ids, versions = existing_predictions(out)
@@ -202,17 +210,18 @@ def score(
             f"{out} already holds predictions of model {sorted(versions - {version})}; "
             f"pass --overwrite or choose another --out (this checkpoint is {version})"
         )
+    _check_same_intervals(out, intervals, bool(done_ids))
     ensure_connected(address, verbose=verbose)
     import ray
 
     # The marker first: an interrupted run's folder is recognised as predictions, and resumed.
     summary_url = store.join_url(out, SUMMARY_FILE)
     if not store.exists(summary_url):
-        store.write_json(summary_url, {"status": "running", "data": data, "checkpoint": checkpoint})
+        store.write_json(summary_url, {"status": "running", "data": data, "checkpoint": checkpoint, **intervals})
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = resolve_gpu(use_gpu, workers=max(1, num_actors or 1), stage="score")
-    loader = loader or partial(Predictor.from_checkpoint, checkpoint, use_gpu)
+    loader = loader or partial(Predictor.from_checkpoint, checkpoint, use_gpu, interval_level=interval_level)
     version = version or loader().version
     n_total = int(manifest["n_rows"])
     log.info("scoring %d ECGs (%d already scored) with %s", n_total, len(done_ids), version)
@@ -242,11 +251,47 @@ def score(
         seconds=time.time() - started,
         model_version=version,
         n_flagged=int(manifest.get("n_flagged", 0) or 0),
+        **intervals,
     )
     store.write_json(summary_url, {**result.__dict__, "status": "finished", "data": data, "checkpoint": checkpoint})
     if len(scored_ids) != n_total:
         raise ScoringError(f"{len(scored_ids)} of {n_total} ECGs have predictions in {out}; re-run to complete")
     return result
+
+
+def _checkpoint_identity(checkpoint: str, interval_level: float | None) -> tuple[str, dict[str, Any]]:
+    """(model_version, {"interval_level", "calibration_id"}) of a checkpoint, read once before Ray starts."""
+    from lvm_ray.model import CheckpointError
+
+    try:
+        level = None if interval_level is None else check_level(interval_level)
+    except CalibrationError as exc:
+        raise ScoringError(str(exc)) from exc
+    payload = read_payload(checkpoint)
+    version = model_version(payload)
+    try:
+        calibration = checkpoint_calibration(payload, version)
+    except CheckpointError as exc:
+        raise ScoringError(str(exc)) from exc
+    if calibration is None:
+        return version, {"interval_level": None, "calibration_id": None}
+    return version, {"interval_level": level or calibration.level, "calibration_id": calibration.identity}
+
+
+def _check_same_intervals(out: str, intervals: dict[str, Any], resuming: bool) -> None:
+    """A resumed run must not mix intervals of two levels or calibrations in one folder."""
+    url = store.join_url(out, SUMMARY_FILE)
+    if not resuming or not intervals or not store.exists(url):
+        return
+    before = store.read_json(url)
+    if "calibration_id" not in before:
+        return  # written before intervals existed
+    for key, what in (("calibration_id", "calibration"), ("interval_level", "interval level")):
+        if before.get(key) != intervals.get(key):
+            raise ScoringError(
+                f"{out} holds predictions with another {what} ({before.get(key)}; now {intervals.get(key)}); "
+                "pass --overwrite or choose another --out"
+            )
 
 
 def format_summary(result: ScoreResult) -> str:
@@ -255,7 +300,13 @@ def format_summary(result: ScoreResult) -> str:
         f"score -> {result.out}\n"
         f"  model        : {result.model_version}\n"
         f"  ECGs         : {result.n_total} ({result.n_scored} scored now, {result.n_skipped} already there)\n"
-        f"  time         : {result.seconds:.1f} s ({rate:.1f} ECGs/s)"
+        f"  time         : {result.seconds:.1f} s ({rate:.1f} ECGs/s)\n"
+        + (
+            f"  intervals    : {100 * result.interval_level:g}% prediction intervals, lvh_prob_calibrated "
+            f"(calibration {result.calibration_id})"
+            if result.interval_level
+            else "  intervals    : none (uncalibrated checkpoint; `lvm-ray calibrate` adds them)"
+        )
     ) + (
         f"\nwarning: {result.n_flagged} ECG(s) look amplitude-normalised (quality_flag column): "
         "voltage rules and LV mass predictions are meaningless on them"

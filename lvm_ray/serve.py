@@ -39,6 +39,7 @@ from lvm_ray.api import (
     require_media_type,
     response_from_row,
 )
+from lvm_ray.conformal import check_level
 from lvm_ray.predict import Predictor
 from lvm_ray.ray_utils import ensure_connected
 from lvm_ray.signals import RawECG
@@ -121,14 +122,17 @@ class LVMassPredictor:
 
 def build_app(args: dict[str, Any], loader: ModelLoader | None = None) -> serve.Application:
     """Serve app builder: ``args`` holds ``checkpoint`` (any URL), optional ``use_gpu``,
-    ``max_batch_size``, ``batch_wait_timeout_s``. Tests may inject a ``loader``."""
+    ``max_batch_size``, ``batch_wait_timeout_s``, ``interval_level`` (default: the checkpoint
+    calibration's, 0.9). Tests may inject a ``loader``."""
     options = dict(args)
     checkpoint = options.pop("checkpoint", None)
     use_gpu = str(options.pop("use_gpu", "false")).lower() in ("1", "true", "yes")
+    level = options.pop("interval_level", None)
     if loader is None:
         if not checkpoint:
             raise ValueError("build_app needs args['checkpoint'] (a run folder or checkpoint URL)")
-        loader = partial(Predictor.from_checkpoint, checkpoint, use_gpu)
+        interval_level = None if level in (None, "") else check_level(level)
+        loader = partial(Predictor.from_checkpoint, checkpoint, use_gpu, interval_level=interval_level)
     max_batch_size = int(options.pop("max_batch_size", 16))
     timeout = float(options.pop("batch_wait_timeout_s", 0.01))
     if options:

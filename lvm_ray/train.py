@@ -35,6 +35,7 @@ from lvm_ray.fitting import (
     train_epoch,
     validate_epoch,
 )
+from lvm_ray.lvh import derive
 from lvm_ray.model import (
     MODEL_FILE,
     CheckpointError,
@@ -68,6 +69,7 @@ from lvm_ray.runs import (
     make_config,
     remove_run_outputs,
 )
+from lvm_ray.signals import normalise_sex
 from lvm_ray.splits import SPLIT_CODES, SPLITS, SplitError, SplitSpec, ids_in_split, split_names
 
 log = logging.getLogger(__name__)
@@ -523,6 +525,10 @@ def train(
         ),
     )
     store.write_text(_url(run, METRICS_FILE), history_text(state["history"]))
+    # Prediction intervals and P(LVH), calibrated on the validation split (lvm_ray.calibrate).
+    from lvm_ray.calibrate import calibrate_after_training
+
+    calibration = calibrate_after_training(run, data, address=address)
     test_metrics = None
     if evaluate_test and counts["test"] > 0:
         test_metrics = evaluate_run(run, data, which="test")
@@ -547,7 +553,13 @@ def train(
     )
     store.write_json(
         _url(run, RUN_FILE),
-        {**run_record, "status": "finished", "finished_unix": time.time(), "result": train_result.to_dict()},
+        {
+            **run_record,
+            "status": "finished",
+            "finished_unix": time.time(),
+            "result": train_result.to_dict(),
+            "calibration": calibration,
+        },
     )
     return train_result
 
@@ -556,15 +568,16 @@ def train(
 
 
 class _SplitEvaluator:
-    """Ray Data actor: the run's Predictor (the one prediction path) on the rows of one split."""
+    """Ray Data actor: the run's Predictor (the one prediction path) on the rows of one split (None: all)."""
 
-    def __init__(self, loader: Callable[[], Any], ids: frozenset[str]) -> None:
+    def __init__(self, loader: Callable[[], Any], ids: frozenset[str] | None) -> None:
         torch.set_num_threads(1)
         self.predictor = loader()
         self.ids = ids
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keep = np.array([str(i) in self.ids for i in batch["ecg_id"]], dtype=bool)
+        ids = batch["ecg_id"]
+        keep = np.ones(len(ids), dtype=bool) if self.ids is None else np.array([str(i) in self.ids for i in ids])
         rows = {k: np.asarray(v)[keep] for k, v in batch.items()}
         n = int(keep.sum())
         preset = self.predictor.preset
@@ -575,7 +588,48 @@ class _SplitEvaluator:
             "true": true,
             "lvh_prob": np.asarray(lvh_prob, dtype=float) if lvh_prob is not None else np.full(n, np.nan),
             "lvh": lvh_labels(rows, n) if preset.lvh_head else np.full(n, -1, dtype=np.int64),
+            # What a conformal calibration needs besides pred and true (lvm_ray.calibrate).
+            "sex": np.array([normalise_sex(v) or "" for v in rows.get("sex", [None] * n)], dtype=object),
+            "bsa_m2": derive(rows, mass_column=preset.target.column, n=n)["bsa_m2"].to_numpy(dtype=float),
         }
+
+
+def split_predictions(
+    checkpoint: str,
+    data: str,
+    ids: frozenset[str] | None,
+    address: str | None = None,
+    loader: Callable[[], Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """The model at ``checkpoint`` on the rows of ``data`` whose ecg_id is in ``ids`` (None: all rows).
+
+    Arrays pred, true (the preset's target), lvh_prob, lvh, sex ('M'/'F'/''), bsa_m2; read with Ray
+    Data through the Predictor, as the test evaluation and ``lvm-ray calibrate`` need them.
+    """
+    from functools import partial
+
+    import ray.data
+
+    from lvm_ray.predict import Predictor
+    from lvm_ray.ray_utils import ensure_connected, read_ecg_dataset
+
+    ensure_connected(address)
+    loader = loader or partial(Predictor.from_checkpoint, checkpoint, False)
+    preset = Preset.from_dict(read_payload(checkpoint)["preset"])
+    present = set(columns_present(data))
+    columns = [c for c in input_columns(preset) if c in present]
+    ds = read_ecg_dataset(data, columns=columns).map_batches(
+        _SplitEvaluator,
+        fn_constructor_args=(loader, ids),
+        batch_format="numpy",
+        batch_size=256,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
+    )
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("pred", "true", "lvh_prob", "lvh", "sex", "bsa_m2")}
+    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        for key in parts:
+            parts[key].append(np.asarray(batch[key]))
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
 
 
 def evaluate_run(
@@ -586,36 +640,14 @@ def evaluate_run(
     loader: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Metrics of RUN's best model on one of its splits (as RUN/split.parquet assigned them)."""
-    from functools import partial
-
-    import ray.data
-
-    from lvm_ray.predict import Predictor
-    from lvm_ray.ray_utils import ensure_connected, read_ecg_dataset
-
     if which not in SPLITS:
         raise TrainError(f"unknown split {which!r}; one of {', '.join(SPLITS)}")
     split_url = _url(run, SPLIT_FILE)
     if not store.exists(split_url):
         raise TrainError(f"no run at {run} (no {SPLIT_FILE})")
     ids = ids_in_split(store.read_parquet(split_url), which)
-    ensure_connected(address)
-    loader = loader or partial(Predictor.from_checkpoint, _url(run, MODEL_FILE), False)
     preset = Preset.from_dict(read_payload(_url(run, MODEL_FILE))["preset"])
-    present = set(columns_present(data))
-    columns = [c for c in input_columns(preset) if c in present]
-    ds = read_ecg_dataset(data, columns=columns).map_batches(
-        _SplitEvaluator,
-        fn_constructor_args=(loader, ids),
-        batch_format="numpy",
-        batch_size=256,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
-    )
-    parts: dict[str, list[np.ndarray]] = {"pred": [], "true": [], "lvh_prob": [], "lvh": []}
-    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        for key in parts:
-            parts[key].append(np.asarray(batch[key]))
-    arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    arrays = split_predictions(_url(run, MODEL_FILE), data, ids, address, loader)
     lvh_prob = arrays["lvh_prob"] if preset.lvh_head else None
     metrics = target_metrics(preset, arrays["pred"], arrays["true"], lvh_prob, arrays["lvh"])
     return {"split": which, **metrics}
@@ -632,6 +664,7 @@ __all__ = [
     "build_trainer",
     "evaluate_run",
     "make_config",
+    "split_predictions",
     "train",
     "train_func",
 ]

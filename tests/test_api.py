@@ -183,6 +183,37 @@ def test_request_to_response_on_a_real_ecg(tmp_path) -> None:
     bsa = np.sqrt(160 * 60 / 3600)
     assert body.ecg_id == "00001_hr" and body.lvmi == pytest.approx(body.lv_mass_g / bsa)
     assert body.rules.measurements["sokolow_lyon_uv"] is not None
+    # An uncalibrated checkpoint: no interval and no calibrated probability (null, not an error).
+    assert body.lv_mass_lo_g is None and body.lv_mass_hi_g is None and body.lvh_probability_calibrated is None
+
+
+def test_a_calibrated_model_answers_with_an_interval_and_its_provenance(tmp_path) -> None:
+    from lvm_ray.api import ModelInfo, model_info
+    from tests.test_calibrate import calibrated_checkpoint
+
+    record = wfdb.rdrecord(str(RECORD))
+    request = PredictRequest(
+        ecg=(record.p_signal.T * 1000).tolist(),
+        leads=record.sig_name,
+        sample_rate=record.fs,
+        sex="M",
+        height_cm=180,
+        weight_kg=85,
+    )
+    wave, metadata, warnings = canonical_request(raw_from_request(request))
+    predictor = Predictor.from_checkpoint(calibrated_checkpoint(str(tmp_path / "model.pt")), use_gpu=False)
+    row = predictor.predict(wave[None], {k: np.array([v], dtype=object) for k, v in metadata.items()})
+    body = PredictResponse.model_validate(response_from_row(row.to_dict("records")[0], warnings))
+    assert body.lv_mass_lo_g < body.lv_mass_hi_g and body.interval_level == 0.9
+    assert body.lv_mass_lo_g == pytest.approx(row.lv_mass_pred_lo_g[0])
+    assert 0 < body.lvh_probability_calibrated < 1
+    assert "lvh_prob_calibrated" not in body.rules.flags  # a probability, not a voltage rule's flag
+    info = ModelInfo.model_validate(model_info(predictor))
+    assert info.interval_level == 0.9
+    assert info.calibration["provenance"]["data"] == "synth:41" and info.calibration["provenance"]["n_ecgs"] == 200
+    assert set(info.calibration["n"]) == {"M", "F", "all"}
+    narrower = Predictor.from_checkpoint(str(tmp_path / "model.pt"), use_gpu=False, interval_level=0.5)
+    assert model_info(narrower)["interval_level"] == 0.5
 
 
 def test_eight_leads_without_body_size_warn_and_flat_lines_are_refused() -> None:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from lvm_ray import store
-from lvm_ray.predict import Predictor
-from lvm_ray.score import ScoringError, read_predictions, score
+from lvm_ray.model import read_payload
+from lvm_ray.predict import INTERVAL_COLUMNS, Predictor, model_version
+from lvm_ray.score import ScoringError, format_summary, read_predictions, score
 from tests.helpers import tiny_checkpoint
 
 
@@ -50,6 +51,10 @@ def test_score_matches_predictor_and_is_idempotent(cohort, checkpoint, tmp_path,
     ):
         assert column in preds.columns, column
     assert not any(c.startswith("true_") for c in preds.columns)
+    # An uncalibrated checkpoint still scores: the interval columns are there, and null.
+    for column in INTERVAL_COLUMNS:
+        assert column in preds.columns and preds[column].isna().all(), column
+    assert "intervals    : none (uncalibrated" in format_summary(result)
     # The distributed path gives exactly what the predictor gives in-process.
     table = store.read_table(cohort).slice(0, 10)
     direct = Predictor.from_checkpoint(checkpoint).predict(
@@ -109,3 +114,42 @@ def test_killed_scoring_job_completes_on_rerun(cohort, checkpoint, tmp_path, ray
     assert len(final) == 240 and final.ecg_id.is_unique
     ids = set(store.read_table(cohort, columns=["ecg_id"]).column("ecg_id").to_pylist())
     assert set(final.ecg_id) == ids
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> str:
+    """The tiny model with a calibration fitted in-process on other synthetic ECGs."""
+    from tests.test_calibrate import calibrated_checkpoint
+
+    url = str(tmp_path_factory.mktemp("calibrated") / "model.pt")
+    version = model_version(read_payload(tiny_checkpoint(url)))
+    calibrated_checkpoint(url)
+    assert model_version(read_payload(url)) == version  # the calibration is not part of the model's identity
+    return url
+
+
+def test_score_writes_intervals_at_the_chosen_level(cohort, calibrated, tmp_path, ray_cluster):
+    out90, out50 = str(tmp_path / "p90"), str(tmp_path / "p50")
+    result = score(cohort, calibrated, out90, num_actors=1)
+    assert result.interval_level == 0.9 and result.calibration_id
+    assert "90% prediction intervals" in format_summary(result)
+    score(cohort, calibrated, out50, num_actors=1, interval_level=0.5)
+    p90 = read_predictions(out90).set_index("ecg_id").sort_index()
+    p50 = read_predictions(out50).set_index("ecg_id").loc[p90.index]
+    assert (p90.interval_level == 0.9).all() and (p50.interval_level == 0.5).all()
+    assert (p90.lv_mass_pred_lo_g < p50.lv_mass_pred_lo_g).all() and (
+        p90.lv_mass_pred_hi_g > p50.lv_mass_pred_hi_g
+    ).all()
+    np.testing.assert_array_equal(p90.lv_mass_pred_g, p50.lv_mass_pred_g)  # the level changes only the interval
+    assert p90.lvh_prob_calibrated.between(0, 1).all()
+    np.testing.assert_array_equal(p90.lvh_prob_calibrated, p50.lvh_prob_calibrated)
+    # The same numbers as the predictor in-process (the one prediction path).
+    table = store.read_table(cohort).slice(200, 10)
+    meta = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("ecg_id", "sex", "bsa_m2")}
+    direct = Predictor.from_checkpoint(calibrated).predict(store.ecg_array(table), meta).set_index("ecg_id")
+    np.testing.assert_allclose(p90.loc[direct.index, "lv_mass_pred_hi_g"], direct.lv_mass_pred_hi_g, rtol=1e-5)
+    # A folder holds one level: resuming it with another is refused, not mixed.
+    with pytest.raises(ScoringError, match="another interval level"):
+        score(cohort, calibrated, out50, interval_level=0.8)
+    with pytest.raises(ScoringError, match="between 0 and 1"):
+        score(cohort, calibrated, str(tmp_path / "bad"), interval_level=90)

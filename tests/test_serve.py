@@ -27,6 +27,7 @@ from lvm_ray.ingest import ingest
 from lvm_ray.schema import LEADS
 from lvm_ray.score import read_predictions, score
 from tests.helpers import tiny_checkpoint
+from tests.test_calibrate import calibrated_checkpoint
 
 PTBXL = Path(__file__).parent / "fixtures" / "ptbxl" / "records500" / "00000"
 RECORDS = sorted(p.with_suffix("") for p in PTBXL.glob("*.hea"))
@@ -46,7 +47,7 @@ def service(ray_cluster, tmp_path_factory):
     from lvm_ray.serve import build_app
 
     workdir = tmp_path_factory.mktemp("serve")
-    checkpoint = tiny_checkpoint(str(workdir / "model.pt"))
+    checkpoint = calibrated_checkpoint(str(workdir / "model.pt"))  # with prediction intervals
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": checkpoint, "max_batch_size": 8}), name="lvm-ray-test", route_prefix="/")
@@ -86,6 +87,8 @@ def test_health_model_and_openapi(service, openapi):
     info = client.get("/v1/model").json()
     _validate(openapi, info, "ModelInfo")
     assert info["preset"] == "lvm-cpu" and info["input_sample_rate_hz"] == 100
+    assert info["interval_level"] == 0.9 and info["calibration"]["provenance"]["n_ecgs"] == 200
+    assert info["calibration"]["provenance"]["data"] == "synth:41"
 
 
 def test_real_ptbxl_json_and_file_upload(service, openapi):
@@ -99,6 +102,8 @@ def test_real_ptbxl_json_and_file_upload(service, openapi):
         assert body["ecg_id"] == path.name and np.isfinite(body["lv_mass_g"])
         assert body["lvmi"] == pytest.approx(body["lv_mass_g"] / np.sqrt(175 * 80 / 3600))
         assert isinstance(body["lvh"], bool)
+        assert body["lv_mass_lo_g"] < body["lv_mass_hi_g"] and body["interval_level"] == 0.9
+        assert 0 < body["lvh_probability_calibrated"] < 1
         assert body["rules"]["measurements"]["sokolow_lyon_uv"] is not None
         files = [("files", (p.name, p.read_bytes())) for p in (path.with_suffix(".hea"), path.with_suffix(".dat"))]
         uploaded = client.post("/v1/predict/file", files=files)
@@ -132,6 +137,7 @@ def test_serving_and_batch_scoring_agree(service, tmp_path, ray_cluster):
         body = client.post("/v1/predict", json={"ecg": wave.tolist(), "leads": list(LEADS), "ecg_id": ecg_id}).json()
         assert body["lv_mass_g"] == pytest.approx(preds.loc[ecg_id, "lv_mass_pred_g"], rel=1e-5, abs=1e-4)
         assert body["model_version"] == preds.loc[ecg_id, "model_version"]
+        assert body["lv_mass_hi_g"] == pytest.approx(preds.loc[ecg_id, "lv_mass_pred_hi_g"], rel=1e-5)
         assert body["rules"]["measurements"]["sokolow_lyon_uv"] == pytest.approx(preds.loc[ecg_id, "sokolow_lyon_uv"])
 
 
