@@ -174,6 +174,41 @@ def _scenario(stage: str, workdir: Path) -> dict[str, Any]:
         cluster.shutdown()
 
 
+def _ceiling_scenario() -> dict[str, Any]:
+    """An autoscaler that published its node types (a CPU head type, a 2-GPU type up to 1 node):
+    what resolve_gpu decides for requests it can and cannot ever meet."""
+    import contextlib
+    import io
+
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.core.generated import autoscaler_pb2
+
+    from lvm_ray.ray_utils import ClusterError, ensure_connected, resolve_gpu
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": _free_port()})
+    try:
+        ensure_connected(cluster.address)
+        config = autoscaler_pb2.ClusterConfig()
+        for name, resources, count in (("head", {"CPU": 2}, 1), ("gpu-2x", {"CPU": 8, "GPU": 2}, 1)):
+            group = autoscaler_pb2.NodeGroupConfig(name=name, max_count=count)
+            group.resources.update(resources)
+            config.node_group_configs.append(group)
+        ray._private.worker.global_worker.gcs_client.report_cluster_config(config.SerializeToString())
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            fits = resolve_gpu(None, workers=2, stage="train")
+        try:
+            resolve_gpu(True, workers=4, stage="train")
+            too_many = None
+        except ClusterError as exc:
+            too_many = str(exc)
+        return {"fits": fits, "printed": printed.getvalue(), "too_many": too_many}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 # --------------------------------------------------------------------------------------------
 # the tests
 
@@ -220,6 +255,21 @@ def test_score_use_gpu_waits_for_a_gpu_node_and_places_its_predictor_there(tmp_p
 
 
 @pytest.mark.slow
+def test_gpu_requests_are_checked_against_the_autoscalers_node_types(tmp_path: Path) -> None:
+    """With node types published (at most 1 node x 2 GPUs), 2 GPU workers are a wait for the
+    autoscaler, even by default; 4 can never be placed and fail at once, naming the node types."""
+    result = _run_scenario("ceiling", tmp_path)
+    assert result["fits"] is True
+    assert result["printed"].startswith("[lvm-ray] train: waiting for 2 GPU worker(s) (0 GPU in the cluster now; ")
+    assert "the autoscaler adds GPU nodes on demand" in result["printed"]
+    message = result["too_many"]
+    assert message and message.startswith(
+        "train: 4 GPU workers asked for, but this Ray cluster can have at most 2 GPU(s)"
+    )
+    assert "node types: head (CPU 2; up to 1), gpu-2x (CPU 8, GPU 2; up to 1)" in message and "\n" not in message
+
+
+@pytest.mark.slow
 def test_train_use_gpu_on_a_laptop_without_gpu_fails_in_one_line(tmp_path: Path) -> None:
     """An embedded local Ray can never have a GPU: the CLI exits non-zero with one line naming
     the cluster's resources, before any training starts, without a traceback."""
@@ -247,5 +297,5 @@ def test_train_use_gpu_on_a_laptop_without_gpu_fails_in_one_line(tmp_path: Path)
 
 
 if __name__ == "__main__":
-    summary = _scenario(sys.argv[1], Path(sys.argv[2]))
+    summary = _ceiling_scenario() if sys.argv[1] == "ceiling" else _scenario(sys.argv[1], Path(sys.argv[2]))
     print(RESULT + json.dumps(summary), flush=True)
