@@ -1,18 +1,22 @@
 """Classic ECG LVH voltage rules, measured on the median beat of each lead.
 
-Pure code (NumPy, SciPy, pandas and neurokit2's QRS detector): no Ray, no I/O, no logging of
-waveforms. The batch scoring stage and ``lvm-ray rules`` call :func:`measure_batch` once per batch.
+Pure code (NumPy, SciPy, pandas): no Ray, no I/O, no logging of waveforms. The batch scoring
+stage and ``lvm-ray rules`` call :func:`measure_batch` once per batch.
 
-Measurement (per ECG, canonical int16/float microvolts [12, 5000] at 500 Hz):
+Measurement (per ECG, canonical int16/float microvolts [12, 5000] at 500 Hz). Every step runs on
+a chunk of ECGs at once (``chunk_size``): beats of all the chunk's ECGs are gathered into one
+array padded to the longest beat train, and filters are matrix products; only the detector's
+last, sequential step loops in Python. The values, reasons and flags are those of the per-ECG
+implementation it replaced (``jobs/rules_reference.py``; tests/test_rules.py checks them).
 
 1. Baseline wander removed from every lead by a zero-phase 0.5 Hz high-pass (the sub-hertz
    baseline is estimated on 20 ms block means, which makes it cheap).
 2. QRS detection **once per ECG** on a combined signal: the root-sum-square over the 12 leads of
    a QRS band-pass (difference of 10 ms and 80 ms moving averages, roughly 6-40 Hz), each lead
    weighted by the inverse of its own noise so that one noisy lead cannot swamp it. neurokit2's
-   gradient detector (``nk.ecg_findpeaks(method="neurokit")``) finds the complexes; each
-   fiducial is then the maximum of the combined signal nearby. The same fiducials serve all 12
-   leads. (neurokit2's full ``ecg_process`` pipeline is not used: too slow for the batch target.)
+   gradient detector (``nk.ecg_findpeaks(method="neurokit")``), re-implemented over the batch
+   with the same peaks (tested), finds the complexes; each fiducial is then the maximum of the
+   combined signal nearby. The same fiducials serve all 12 leads.
 3. A window of -250 ms .. +300 ms around each fiducial; beats are re-aligned (+-10 ms) to a first
    median template by cross-correlation over the QRS, and beats whose morphology does not match
    the template (ectopics, artefacts: median over leads of the QRS correlation below
@@ -453,12 +457,21 @@ def _median_over_beats(beats: np.ndarray, counts: np.ndarray) -> tuple[np.ndarra
 
 
 def _median_last(values: np.ndarray) -> np.ndarray:
-    """np.median over the last axis, by sorting (faster than NumPy's partition here).
+    """np.median over the last axis (the same values), the fastest way NumPy offers for the length.
 
-    Short rows are padded with +inf to 16 or 32, the lengths NumPy's SIMD sort handles fastest.
+    Short rows are padded with +inf to 16 or 32 and sorted (NumPy's SIMD sort handles those
+    lengths fastest); long rows are partitioned at one index (SIMD quickselect; a partition at
+    the two middle indices, as np.median does, is several times slower), the lower middle being
+    the largest value left of it.
     """
     n = values.shape[-1]
-    width = 16 if n <= 16 else 32 if n <= 32 else n
+    if n > 32:
+        k = n // 2
+        part = np.partition(values, k, axis=-1)
+        upper = part[..., k]
+        lower = part[..., :k].max(axis=-1) if n % 2 == 0 else upper
+        return (lower + upper) * part.dtype.type(0.5)
+    width = 16 if n <= 16 else 32
     s = np.empty((*values.shape[:-1], width), dtype=values.dtype)
     s[..., :n] = values
     s[..., n:] = np.inf
@@ -706,7 +719,7 @@ def _median_beats(y: np.ndarray, ptp: np.ndarray, combined: np.ndarray, cfg: Mea
             out.hr[i] = 60.0 * fs / (0.5 * float(rr[(rr.size - 1) // 2] + rr[rr.size // 2]))
         keep = peaks[(peaks - pre - shift >= 0) & (peaks + post + shift <= N)]
         out.n_beats[i] = keep.size
-        if keep.size < cfg.min_beats:
+        if keep.size < cfg.min_beats or keep.size == 0:
             out.error[i] = f"fewer than {cfg.min_beats} beats ({keep.size} detected)"
         elif not lo_hr <= out.hr[i] <= hi_hr:
             out.error[i] = f"implausible heart rate {out.hr[i]:.0f} bpm"
@@ -753,12 +766,10 @@ def _median_beats(y: np.ndarray, ptp: np.ndarray, combined: np.ndarray, cfg: Mea
     # sample), over sqrt(beats). Which beat a value came from does not matter, so the sorted beats
     # serve, taken in groups of ECGs with the same number of good beats.
     noise = np.full((m, N_LEADS), np.nan)
-    for count in np.unique(n_good[n_good >= cfg.min_beats]).tolist():
+    for count in np.unique(n_good[n_good >= max(cfg.min_beats, 1)]).tolist():
         sel = np.flatnonzero(n_good == count)
         resid = np.abs(ranked[sel, :, ::2, :count] - median[sel, :, ::2, None]).reshape(sel.size, N_LEADS, -1)
-        resid.sort(axis=-1)
-        spread = (resid[..., (resid.shape[-1] - 1) // 2] + resid[..., resid.shape[-1] // 2]) * np.float32(0.5)
-        noise[sel] = 1.4826 * spread * 1.2533 / np.sqrt(count)
+        noise[sel] = 1.4826 * _median_last(resid) * 1.2533 / np.sqrt(count)
     for k, i in enumerate(rows):
         if n_good[k] < cfg.min_beats:
             out.n_beats[i] = n_good[k]
