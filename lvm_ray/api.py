@@ -131,6 +131,34 @@ class ModelInfo(BaseModel):
     calibration: dict[str, Any] | None = Field(
         None, description="The intervals' calibration: method, id, ECGs per sex, and provenance (data, split, date)."
     )
+    model_card: dict[str, Any] | None = Field(
+        None,
+        description="The model card written from the checkpoint and run record (lvm_ray.modelcard); "
+        "its markdown under 'markdown'. None when it could not be made.",
+    )
+
+
+class ExplanationBody(BaseModel):
+    method: str = Field(..., description="integrated_gradients (captum), baseline: the flat ECG at 0 uV.")
+    baseline: str
+    units: str = Field(..., description="Units of the attributions and outputs: 'g' for LV mass.")
+    n_steps: int
+    leads: list[str]
+    lead_share: dict[str, float] = Field(..., description="Each lead's share of sum |attribution|; sums to 1.")
+    samples_per_point: int = Field(..., description="Canonical 500 Hz samples summed into each point.")
+    point_ms: float = Field(..., description="Duration of one point (ms).")
+    attribution: list[list[float]] = Field(
+        ..., description="Leads x points (at most 500 a lead): attribution summed over each point's samples."
+    )
+    explained_output: float | None = Field(None, description="The output explained (LV mass in g, float32 path).")
+    baseline_output: float | None = Field(None, description="The same output for the flat baseline ECG.")
+    completeness_error: float | None = Field(
+        None, description="sum(attribution) - (explained_output - baseline_output): integration error."
+    )
+
+
+class ExplainResponse(PredictResponse):
+    explanation: ExplanationBody
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -264,8 +292,30 @@ def response_from_row(row: dict[str, Any], warnings: list[str]) -> dict[str, Any
     }
 
 
-def model_info(predictor: "Predictor") -> dict[str, Any]:
-    """The body of GET /v1/model (a ModelInfo) for a loaded predictor."""
+def explanation_body(explanation: Any, index: int, max_points: int | None = None) -> dict[str, Any]:
+    """ECG ``index`` of an :class:`lvm_ray.explain.Explanation` -> the response's ``explanation``."""
+    from lvm_ray.explain import BASELINE, MAX_POINTS_PER_LEAD, METHOD, downsample  # torch: only when explaining
+    from lvm_ray.schema import SAMPLE_RATE_HZ
+
+    points, step = downsample(explanation.attribution[index], max_points or MAX_POINTS_PER_LEAD)
+    return {
+        "method": METHOD,
+        "baseline": BASELINE,
+        "units": explanation.units,
+        "n_steps": int(explanation.n_steps),
+        "leads": list(LEADS),
+        "lead_share": {lead: float(s) for lead, s in zip(LEADS, explanation.lead_share[index], strict=True)},
+        "samples_per_point": step,
+        "point_ms": 1000.0 * step / SAMPLE_RATE_HZ,
+        "attribution": np.round(points, 8).tolist(),
+        "explained_output": _finite_or_none(explanation.output[index]),
+        "baseline_output": _finite_or_none(explanation.baseline_output[index]),
+        "completeness_error": _finite_or_none(explanation.delta[index]),
+    }
+
+
+def model_info(predictor: "Predictor", model_card: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The body of GET /v1/model (a ModelInfo) for a loaded predictor (and its model card, when made)."""
     preset = predictor.preset
     return {
         "preset": preset.name,
@@ -279,6 +329,7 @@ def model_info(predictor: "Predictor") -> dict[str, Any]:
         "training": predictor.training_summary,
         "interval_level": predictor.level,
         "calibration": predictor.training_summary.get("calibration"),
+        "model_card": model_card,
     }
 
 

@@ -463,12 +463,16 @@ def report(
     outcomes_dir: Annotated[
         str | None, typer.Option("--outcomes", help="Folder written by `lvm-ray outcomes`.")
     ] = None,
+    explanations: Annotated[
+        str | None, typer.Option(help="Folder written by `lvm-ray explain`: shows three example ECGs.")
+    ] = None,
+    run: Annotated[str | None, typer.Option(help="The model's run folder: shows its model card.")] = None,
 ) -> None:
     """Render one self-contained HTML report: figures and tables of the evaluation and outcomes."""
     from lvm_ray.report import ReportError, render_report
 
     try:
-        typer.echo(f"report -> {render_report(eval_dir, outcomes_dir, out)}")
+        typer.echo(f"report -> {render_report(eval_dir, outcomes_dir, out, explanations=explanations, run=run)}")
     except (ReportError, FileNotFoundError, ValueError) as exc:
         _fail(_one_line(exc))
 
@@ -482,7 +486,7 @@ def serve(
     address: AddressOption = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Serve the model on Ray Serve: POST /v1/predict, /v1/predict/file; GET /healthz, /readyz, /v1/model, /docs."""
+    """Serve the model on Ray Serve: POST /v1/predict, /v1/explain (+/file); GET /healthz, /readyz, /v1/model, /docs."""
     from lvm_ray.model import CheckpointError, read_payload
     from lvm_ray.ray_utils import ClusterError, ensure_connected, resolve_gpu
     from lvm_ray.serve import run_server
@@ -686,6 +690,58 @@ def calibrate(
     except (CalibrateError, CalibrationError, CheckpointError, StoreError, ClusterError) as exc:
         _fail(_one_line(exc))
     typer.echo(result.summary())
+
+
+@app.command()
+@_interruptible
+def explain(
+    data: Annotated[str, typer.Option(help="Dataset URL or path.")],
+    checkpoint: Annotated[str, typer.Option(help="Run folder or checkpoint file (any URL).")],
+    out: Annotated[str, typer.Option(help="Folder for attributions/*.parquet (and figures/*.png).")],
+    ids: Annotated[
+        list[str] | None, typer.Option("--ids", help="ecg_ids to explain (repeatable, or comma-separated).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Explain the first N ECGs only.")] = None,
+    figures: Annotated[bool, typer.Option("--figures", help="Also draw one printed-ECG PNG per ECG.")] = False,
+    steps: Annotated[
+        int | None, typer.Option(min=2, help="Integration steps of integrated gradients (default 32).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="ECGs per model call (memory grows with it).")] = 8,
+    num_actors: Annotated[
+        int | None, typer.Option(min=1, help="Model replicas (default: one per GPU, or CPUs/2).")
+    ] = None,
+    use_gpu: GpuOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace earlier explanations in --out (only those).")] = False,
+    address: AddressOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Attribute each prediction to the 12 leads over time (integrated gradients) with a Ray Data actor pool."""
+    from lvm_ray.explain_stage import ExplainStageError, explain_dataset, format_summary
+    from lvm_ray.model import CheckpointError
+    from lvm_ray.ray_utils import ClusterError
+    from lvm_ray.store import StoreError
+
+    _setup_logging(verbose)
+    selected = [i.strip() for item in ids or [] for i in item.split(",") if i.strip()]
+    try:
+        result = explain_dataset(
+            data,
+            checkpoint,
+            out,
+            ids=selected or None,
+            limit=limit,
+            figures=figures,
+            **({"n_steps": steps} if steps is not None else {}),
+            batch_size=batch_size,
+            num_actors=num_actors,
+            use_gpu=use_gpu,
+            overwrite=overwrite,
+            address=address,
+            verbose=verbose,
+        )
+    except (ExplainStageError, StoreError, CheckpointError, ClusterError) as exc:
+        _fail(_one_line(exc))
+    typer.echo(format_summary(result))
 
 
 def main() -> None:  # pragma: no cover - console entry point

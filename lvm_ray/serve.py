@@ -28,11 +28,13 @@ from ray import serve
 from lvm_ray.api import (
     JSON_MEDIA_TYPES,
     UPLOAD_MEDIA_TYPES,
+    ExplainResponse,
     ModelInfo,
     PredictRequest,
     PredictResponse,
     canonical_request,
     create_app,
+    explanation_body,
     model_info,
     raw_from_request,
     read_upload,
@@ -51,6 +53,22 @@ ModelLoader = Callable[[], Predictor]
 api = create_app()
 #: The Serve application name ``lvm-ray serve`` deploys (jobs/serve_config.yaml uses the same).
 APP_NAME = "lvm-ray"
+#: ECGs per explanation batch: each costs n_steps forward and backward passes (lvm_ray.explain).
+EXPLAIN_BATCH_SIZE = 4
+
+
+def _model_card(source: str | None, version: str) -> dict[str, Any] | None:
+    """The model card of the served checkpoint (lvm_ray.modelcard), or None when it cannot be made."""
+    if not source:
+        return None
+    from lvm_ray.modelcard import load_or_build
+
+    try:
+        card = load_or_build(source)
+    except Exception as exc:  # noqa: BLE001 - a missing card never stops the endpoint
+        log.warning("no model card for the served model (%s)", type(exc).__name__)
+        return None
+    return card if card.get("model_version") == version else None
 
 
 @serve.deployment(name="LVMassPredictor", max_ongoing_requests=32)
@@ -58,10 +76,17 @@ APP_NAME = "lvm-ray"
 class LVMassPredictor:
     """One replica: one loaded model; requests are batched into a single forward pass."""
 
-    def __init__(self, loader: ModelLoader, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01) -> None:
+    def __init__(
+        self,
+        loader: ModelLoader,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.01,
+        card_source: str | None = None,
+    ) -> None:
         self.predictor = loader()
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.model_card = _model_card(card_source, self.predictor.version)
         log.info("LVMassPredictor ready: %s", self.predictor.version)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -107,6 +132,59 @@ class LVMassPredictor:
                 setattr(raw, name, value)
         return await self._predict_raw(raw)
 
+    # --- explanations: the prediction plus integrated-gradients attributions (lvm_ray.explain) ---
+    # Costlier than a prediction (n_steps forward and backward passes): smaller batches, and
+    # serve.batch runs one batch at a time per replica, so explanations queue rather than pile up.
+
+    @serve.batch(max_batch_size=EXPLAIN_BATCH_SIZE, batch_wait_timeout_s=0.01)
+    async def explain_batch(self, items: list[tuple[np.ndarray, dict[str, Any]]]) -> list[tuple[dict, dict]]:
+        ecg = np.stack([wave for wave, _ in items])
+        metadata = {key: np.array([meta[key] for _, meta in items], dtype=object) for key in items[0][1]}
+        return await asyncio.get_running_loop().run_in_executor(None, self._explain_rows, ecg, metadata)
+
+    def _explain_rows(self, ecg: np.ndarray, metadata: dict[str, Any]) -> list[tuple[dict, dict]]:
+        from lvm_ray.explain import explain
+
+        rows = self.predictor.predict(ecg, metadata).to_dict("records")
+        explanation = explain(self.predictor, ecg, metadata)
+        return [(row, explanation_body(explanation, i)) for i, row in enumerate(rows)]
+
+    async def _explain_raw(self, raw: RawECG) -> dict[str, Any]:
+        wave, metadata, warnings = canonical_request(raw)
+        row, body = await self.explain_batch((wave, metadata))
+        return {**response_from_row(row, warnings), "explanation": body}
+
+    @api.post(
+        "/v1/explain",
+        response_model=ExplainResponse,
+        dependencies=[Depends(require_media_type(*JSON_MEDIA_TYPES))],
+    )
+    async def explain(self, body: PredictRequest) -> dict[str, Any]:
+        """Predict from a JSON ECG and attribute the LV mass to each lead over time (integrated gradients)."""
+        return await self._explain_raw(raw_from_request(body))
+
+    @api.post(
+        "/v1/explain/file",
+        response_model=ExplainResponse,
+        dependencies=[Depends(require_media_type(*UPLOAD_MEDIA_TYPES))],
+    )
+    async def explain_file(
+        self,
+        files: Annotated[list[UploadFile], File(description="One ECG export (a WFDB record needs .hea and .dat).")],
+        age: Annotated[float | None, Form(ge=0, le=130)] = None,
+        sex: Annotated[Literal["M", "F"] | None, Form()] = None,
+        height_cm: Annotated[float | None, Form(gt=30, lt=260)] = None,
+        weight_kg: Annotated[float | None, Form(gt=2, lt=400)] = None,
+        sample_rate: Annotated[float | None, Form(gt=0, description="Only for .npy uploads.")] = None,
+    ) -> dict[str, Any]:
+        """/v1/explain for an uploaded ECG export (the formats of /v1/predict/file)."""
+        uploads = [(f.filename, await f.read()) for f in files]
+        raw = await asyncio.get_running_loop().run_in_executor(None, partial(read_upload, uploads, sample_rate))
+        for name, value in (("age", age), ("sex", sex), ("height_cm", height_cm), ("weight_kg", weight_kg)):
+            if value is not None:
+                setattr(raw, name, value)
+        return await self._explain_raw(raw)
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -117,7 +195,7 @@ class LVMassPredictor:
 
     @api.get("/v1/model", response_model=ModelInfo)
     async def model_info(self) -> dict[str, Any]:
-        return model_info(self.predictor)
+        return model_info(self.predictor, self.model_card)
 
 
 def build_app(args: dict[str, Any], loader: ModelLoader | None = None) -> serve.Application:
@@ -142,7 +220,7 @@ def build_app(args: dict[str, Any], loader: ModelLoader | None = None) -> serve.
         deployment = deployment.options(max_ongoing_requests=max_batch_size)
     if use_gpu:  # reserve the GPU, so that each replica lands on a GPU node (or the autoscaler adds one)
         deployment = deployment.options(ray_actor_options={"num_cpus": 1, "num_gpus": 1})
-    return deployment.bind(loader, max_batch_size, timeout)
+    return deployment.bind(loader, max_batch_size, timeout, checkpoint)
 
 
 def wait_until_ready(url: str, timeout_s: float = 300.0) -> None:

@@ -561,6 +561,9 @@ def train(
             "calibration": calibration,
         },
     )
+    from lvm_ray.modelcard import write_model_card
+
+    write_model_card(run)  # RUN/model_card.md, from the checkpoint and run record just written
     return train_result
 
 

@@ -224,6 +224,108 @@ def test_still_serving_after_fuzzing(service, openapi):
 
 
 # --------------------------------------------------------------------------------------------
+# /v1/explain: the prediction with attributions; the same numbers as the library
+
+
+def test_explain_json_and_upload_agree_with_predict_and_the_library(service, openapi):
+    from lvm_ray.api import PredictRequest, canonical_request, raw_from_request
+    from lvm_ray.explain import explain
+    from lvm_ray.predict import Predictor
+
+    client, checkpoint, _ = service
+    assert {"/v1/explain", "/v1/explain/file"} <= set(openapi["paths"])
+    body = _record_json(RECORDS[0], sex="M", height_cm=175, weight_kg=80)
+    predicted = client.post("/v1/predict", json=body).json()
+    response = client.post("/v1/explain", json=body)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    _validate(openapi, out, "ExplainResponse")
+    assert out["lv_mass_g"] == pytest.approx(predicted["lv_mass_g"], rel=1e-5)
+    assert out["lvmi"] == pytest.approx(predicted["lvmi"], rel=1e-5)
+    e = out["explanation"]
+    assert e["method"] == "integrated_gradients" and e["units"] == "g" and e["leads"] == list(LEADS)
+    assert list(e["lead_share"]) == list(LEADS) and sum(e["lead_share"].values()) == pytest.approx(1.0)
+    assert len(e["attribution"]) == 12 and {len(row) for row in e["attribution"]} == {500}
+    assert e["samples_per_point"] == 10 and e["point_ms"] == 20.0
+    # Completeness: the points still sum to the prediction's distance from the flat baseline.
+    total = sum(sum(row) for row in e["attribution"])
+    assert total == pytest.approx(e["explained_output"] - e["baseline_output"], abs=1e-3)
+    assert e["explained_output"] == pytest.approx(out["lv_mass_g"], rel=1e-4)
+    # The endpoint's shares are the library's on the same canonical ECG.
+    wave, metadata, _ = canonical_request(raw_from_request(PredictRequest(**body)))
+    offline = explain(Predictor.from_checkpoint(checkpoint, use_gpu=False), wave[None], metadata)
+    np.testing.assert_allclose(list(e["lead_share"].values()), offline.lead_share[0], rtol=1e-4, atol=1e-6)
+    files = [
+        ("files", (p.name, p.read_bytes())) for p in (RECORDS[0].with_suffix(".hea"), RECORDS[0].with_suffix(".dat"))
+    ]
+    uploaded = client.post("/v1/explain/file", files=files, data={"sex": "M", "height_cm": "175", "weight_kg": "80"})
+    assert uploaded.status_code == 200, uploaded.text
+    _validate(openapi, uploaded.json(), "ExplainResponse")
+    np.testing.assert_allclose(
+        list(uploaded.json()["explanation"]["lead_share"].values()), list(e["lead_share"].values()), rtol=1e-3
+    )
+
+
+def test_explain_requests_are_batched_together(service):
+    """Concurrent explanations share the replica's batches and each gets its own ECG's answer."""
+    import concurrent.futures
+
+    client, _, _ = service
+    bodies = [_record_json(path) for path in RECORDS[:3]] * 2
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: client.post("/v1/explain", json=b), bodies))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    by_id = {}
+    for body, answer in zip(bodies, answers, strict=True):
+        shares = list(answer.json()["explanation"]["lead_share"].values())
+        by_id.setdefault(body["ecg_id"], []).append(shares)
+    for shares in by_id.values():  # the same ECG alone or in a batch: the same attribution
+        np.testing.assert_allclose(shares[0], shares[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "content_type", "status"),
+    [
+        ("/v1/explain", b'{"hello": "world"}', "application/json", 422),
+        ("/v1/explain", b"[1, 2, 3]", "application/json", 422),
+        ("/v1/explain", b"this is not json", "application/json", 422),
+        ("/v1/explain", json.dumps({"ecg": [[0.0] * 200] * 12}).encode(), "application/json", 422),
+        ("/v1/explain", b"\x00\xff\x10garbage", "application/octet-stream", 415),
+        ("/v1/explain", b"x" * (9 * 1024 * 1024), "application/json", 413),
+        ("/v1/explain/file", b"<not-an-ecg/>", None, 422),
+    ],
+)
+def test_explain_bodies_that_are_not_an_ecg_get_4xx(service, path, content, content_type, status):
+    client, _, _ = service
+    if content_type is None:  # an upload whose file is not an ECG export
+        response = client.post(path, files=[("files", ("ecg.xml", content))])
+    else:
+        response = client.post(path, content=content, headers={"content-type": content_type})
+    assert response.status_code == status, response.text
+    assert response.json()["detail"]
+    assert client.post("/v1/explain", json=_record_json(RECORDS[1])).status_code == 200  # still answering
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=_bodies)
+def test_malformed_explain_requests_never_5xx(service, body):
+    client, _, _ = service
+    response = client.post("/v1/explain", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code < 500, (body, response.text)
+
+
+def test_model_info_serves_the_model_card(service, openapi):
+    client, _, _ = service
+    info = client.get("/v1/model").json()
+    _validate(openapi, info, "ModelInfo")
+    card = info["model_card"]
+    assert card["model_version"] == info["model_version"]
+    assert card["model"]["preset"] == "lvm-cpu" and card["model"]["input"]["sample_rate_hz"] == 100
+    assert card["provenance"]["kind"] == "unknown"  # a bare checkpoint file: said plainly
+    assert card["markdown"].startswith("# Model card: lvm-cpu")
+
+
+# --------------------------------------------------------------------------------------------
 # bad uploads, chunked bodies, content types: 4xx, the service stays up, nothing logged
 
 MARKER = "zqx7lvmclientname"  # in every hostile file name below; must never reach a log
