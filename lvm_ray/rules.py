@@ -810,8 +810,11 @@ def measure_median_beats(
         idx = idx[finite[idx]]
         if idx.size == 0:
             continue
-        xc = (x[idx[0] : idx[-1] + 1] if idx[-1] - idx[0] + 1 == idx.size else x[idx]).astype(np.float32)
-        ptp[idx] = np.ptp(xc, axis=-1)
+        source = x[idx[0] : idx[-1] + 1] if idx[-1] - idx[0] + 1 == idx.size else x[idx]
+        xc = source.astype(np.float32)
+        # Peak-to-peak of int16 samples on the samples themselves: exact, and half the traffic.
+        ranged = source if np.issubdtype(source.dtype, np.integer) else xc
+        ptp[idx] = ranged.max(axis=-1).astype(np.float32) - ranged.min(axis=-1).astype(np.float32)
         y = _remove_baseline(xc, cfg.highpass_hz, fs)
         beats = _median_beats(y, ptp[idx], _detection_signal(y, cfg, fs), cfg, fs)
         median[idx] = beats.median
