@@ -363,8 +363,13 @@ def load_or_build(source: str) -> dict[str, Any]:
     model_url, run = _locate(source)
     folder = run or posixpath.dirname(model_url)
     written = _read_json(store.join_url(folder, CARD_JSON)) if folder else None
-    if written and written.get("model_version") == model_version(read_payload(model_url)):
-        return written
+    if written:
+        payload = read_payload(model_url)
+        calibration = _calibration(payload)
+        # Recalibration keeps the weights (and model_version): the calibration id tells it apart.
+        same_calibration = (written.get("calibration") or {}).get("id") == (calibration or {}).get("id")
+        if written.get("model_version") == model_version(payload) and same_calibration:
+            return written
     return model_card(source)
 
 

@@ -114,6 +114,8 @@ def test_the_card_follows_the_weights_and_the_calibration(cohort, tmp_path):
         provenance={"stage": "calibrate", "data": cohort, "split": "val"},
     )
     write_calibration(f"{run}/model.pt", calibration.to_payload())
+    # Same weights, new calibration: the card on disk is stale and is not served.
+    assert load_or_build(run)["calibration"]["id"] == calibration.identity
     card = write_model_card(run)
     assert card["calibration"]["level"] == 0.8 and card["calibration"]["id"] == calibration.identity
     assert "nominal coverage | 80% (conformal" in card["markdown"]
