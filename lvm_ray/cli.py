@@ -290,11 +290,29 @@ def train(
     ] = 3,
     overwrite: Annotated[bool, typer.Option(help="Start over instead of resuming a run in RUN.")] = False,
     smoke_test: Annotated[bool, typer.Option(help="Two epochs, to check the plumbing.")] = False,
+    preset_file: Annotated[
+        str | None,
+        typer.Option(help="A preset file (JSON/YAML, e.g. from `lvm-ray tune`) to train instead of --preset."),
+    ] = None,
+    ensemble: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Train K members (seeds seed..seed+K-1) into one RUN (RUN/members/<i>); score and serve "
+            "average them and report their spread. 1: a plain run.",
+        ),
+    ] = 1,
+    concurrent_members: Annotated[
+        int | None,
+        typer.Option(min=1, help="Ensemble members trained at once (default: as many as the cluster fits)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (of the first member of an ensemble).")] = 0,
     address: AddressOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Train a preset on Ray Train (DDP), streaming the shards with Ray Data; resumes when re-run."""
     from lvm_ray.model import CheckpointError
+    from lvm_ray.presets import load_preset_file
     from lvm_ray.ray_utils import ClusterError
     from lvm_ray.store import StoreError
     from lvm_ray.train import TrainError
@@ -302,10 +320,41 @@ def train(
 
     _setup_logging(verbose)
     try:
+        chosen = load_preset_file(preset_file) if preset_file else preset
+        if ensemble > 1:
+            from lvm_ray.ensemble import result_lines, train_ensemble
+
+            members = train_ensemble(
+                data,
+                run,
+                ensemble,
+                seed=seed,
+                max_concurrent=concurrent_members,
+                overwrite=overwrite,
+                address=address,
+                verbose=verbose,
+                preset=chosen,
+                target=target,
+                num_workers=num_workers,
+                use_gpu=use_gpu,
+                max_epochs=2 if smoke_test else max_epochs,
+                batch_size=batch_size,
+                split_column=split_column,
+                val_values=tuple(val_values or ()),
+                test_values=tuple(test_values or ()),
+                cpus_per_worker=cpus_per_worker,
+                lr=lr,
+                task=task,
+                cache_inputs=cache_inputs,
+                max_failures=max_failures,
+            )
+            typer.echo("\n".join(result_lines(members)))
+            return
         result = run_train(
             data,
             run,
-            preset=preset,
+            preset=chosen,
+            seed=seed,
             target=target,
             num_workers=num_workers,
             use_gpu=use_gpu,
@@ -742,6 +791,81 @@ def explain(
     except (ExplainStageError, StoreError, CheckpointError, ClusterError) as exc:
         _fail(_one_line(exc))
     typer.echo(format_summary(result))
+
+
+@app.command()
+@_interruptible
+def tune(
+    data: Annotated[str, typer.Option(help="Dataset URL or path (ECG shards with the target column).")],
+    run: Annotated[
+        str, typer.Option(help="Folder for the search: trials/, tune.json and best_preset.json (for --preset-file).")
+    ],
+    target: Annotated[
+        str | None, typer.Option(help="Column to learn (default: the preset's). Binary columns are tuned on AUROC.")
+    ] = None,
+    preset: Annotated[
+        str, typer.Option(help=f"Preset to start from, one of: {', '.join(preset_names())}.")
+    ] = "ptbxl-lvh",
+    num_samples: Annotated[int, typer.Option(min=1, help="Configurations to try.")] = 8,
+    max_epochs: Annotated[
+        int | None, typer.Option(min=1, help="Epochs of the longest trial (default: the preset's).")
+    ] = None,
+    split_column: Annotated[
+        str | None,
+        typer.Option(help="Column holding an explicit split (e.g. strat_fold); default: hash of patient_id."),
+    ] = None,
+    val_values: Annotated[list[str] | None, typer.Option(help="Values of --split-column for validation.")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="'regression' or 'binary' for --target (default: inferred from the column).")
+    ] = None,
+    num_workers: Annotated[int, typer.Option(min=1, help="Ray Train workers per trial.")] = 1,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per worker (fractions allowed).")] = 1.0,
+    concurrent_trials: Annotated[
+        int | None, typer.Option(min=1, help="Trials at once (default: as many as the cluster fits).")
+    ] = None,
+    grace_period: Annotated[int, typer.Option(min=1, help="ASHA's first rung: epochs every trial gets.")] = 2,
+    time_budget_min: Annotated[
+        float | None, typer.Option(min=0.1, help="Stop the search after this many minutes (finished trials count).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the search and of every trial's network.")] = 0,
+    use_gpu: GpuOption = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier tuning in --run.")] = False,
+    address: AddressOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Search learning rate, width, kernel, dropout and epochs with Ray Tune (ASHA) on the validation split."""
+    from lvm_ray.ray_utils import ClusterError
+    from lvm_ray.store import StoreError
+    from lvm_ray.train import TrainError
+    from lvm_ray.tune import TuneError
+    from lvm_ray.tune import tune as run_tune
+
+    _setup_logging(verbose)
+    try:
+        result = run_tune(
+            data,
+            run,
+            target=target,
+            preset=preset,
+            num_samples=num_samples,
+            max_epochs=max_epochs,
+            split_column=split_column,
+            val_values=tuple(val_values or ()),
+            task=task,
+            num_workers=num_workers,
+            cpus_per_worker=cpus_per_worker,
+            use_gpu=use_gpu,
+            max_concurrent=concurrent_trials,
+            grace_period=grace_period,
+            time_budget_s=None if time_budget_min is None else 60 * time_budget_min,
+            seed=seed,
+            overwrite=overwrite,
+            address=address,
+            verbose=verbose,
+        )
+    except (TuneError, TrainError, ValueError, StoreError, ClusterError) as exc:
+        _fail(_one_line(exc))
+    typer.echo(result.summary())
 
 
 def main() -> None:  # pragma: no cover - console entry point

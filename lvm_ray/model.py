@@ -12,8 +12,8 @@ from __future__ import annotations
 import io
 import math
 import posixpath
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import fsspec
@@ -367,6 +367,8 @@ class LoadedCheckpoint:
     model: LVMNet
     preset: Preset
     payload: dict[str, Any]
+    #: An ensemble checkpoint's networks, in member order (``model`` is the first); empty: one model.
+    members: list[LVMNet] = field(default_factory=list)
 
     @property
     def package_version(self) -> str:
@@ -416,7 +418,77 @@ def load_checkpoint(
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint weights do not fit preset {preset.name!r}: {exc}") from exc
     model.to(map_location).eval()
-    return LoadedCheckpoint(model, preset, payload)
+    members = [model]
+    for i, state in enumerate(member_states(payload)[1:], start=1):
+        member = build_model(preset)
+        try:
+            member.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"ensemble member {i}'s weights do not fit preset {preset.name!r}: {exc}") from exc
+        members.append(member.to(map_location).eval())
+    return LoadedCheckpoint(model, preset, payload, members if ENSEMBLE_KEY in payload else [])
+
+
+# --- ensembles -------------------------------------------------------------------------------------
+
+#: Checkpoint entry of an ensemble (RUN/model.pt of ``lvm-ray train --ensemble K``): its members.
+ENSEMBLE_KEY = "ensemble"
+
+
+def member_states(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The state dicts of a checkpoint's networks: every ensemble member's, or the one model's."""
+    ensemble = payload.get(ENSEMBLE_KEY)
+    if not ensemble:
+        return [payload["model_state"]]
+    try:
+        return [dict(m["model_state"]) for m in ensemble["members"]]
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint's ensemble entry is malformed: {exc}") from exc
+
+
+def ensemble_payload(
+    members: Sequence[Mapping[str, Any]],
+    *,
+    runs: Sequence[str] = (),
+    metrics: Mapping[str, Any] | None = None,
+    split: Mapping[str, Any] | None = None,
+    kind: str = "seeds",
+) -> dict[str, Any]:
+    """One checkpoint for K members of one preset, each a checkpoint payload (their RUN/model.pt).
+
+    The top-level entries are the first member's (preset, normalisation, weights), so every
+    reader of a checkpoint works unchanged; ``payload['ensemble']['members']`` holds each member's
+    weights, epoch and metrics, and :class:`lvm_ray.predict.Predictor` averages them. A member's
+    calibration is not carried over: an ensemble is calibrated on its own averaged outputs.
+    """
+    if not members:
+        raise CheckpointError("an ensemble needs at least one member")
+    presets = [m.get("preset") for m in members]
+    if any(p != presets[0] for p in presets[1:]):
+        raise CheckpointError("ensemble members were trained with different presets")
+    first = dict(members[0])
+    payload = {k: v for k, v in first.items() if k not in ("calibration", "training_state", "provenance")}
+    payload.update(
+        epoch=None,
+        metrics=dict(metrics or {}),
+        split=dict(split if split is not None else first.get("split", {})),
+        training_state={},
+        provenance={},
+    )
+    payload[ENSEMBLE_KEY] = {
+        "kind": kind,
+        "size": len(members),
+        "members": [
+            {
+                "model_state": dict(m["model_state"]),
+                "epoch": m.get("epoch"),
+                "metrics": dict(m.get("metrics") or {}),
+                "run": runs[i] if i < len(runs) else None,
+            }
+            for i, m in enumerate(members)
+        ],
+    }
+    return payload
 
 
 def to_cpu(value: Any) -> Any:

@@ -18,10 +18,12 @@ import torch
 from lvm_ray.conformal import Calibration, CalibrationError, check_level
 from lvm_ray.lvh import LVHConfig, derive
 from lvm_ray.model import (
+    ENSEMBLE_KEY,
     CheckpointError,
     LoadedCheckpoint,
     LVMNet,
     load_checkpoint,
+    member_states,
     read_payload,
 )
 from lvm_ray.presets import Preset, model_to_target, prepare_covariates, prepare_input
@@ -44,13 +46,25 @@ def select_device(use_gpu: bool | None = None) -> torch.device:
 
 
 def model_version(payload: Mapping[str, Any]) -> str:
-    """A stable identity for a checkpoint: package version, preset, epoch and a weights digest."""
+    """A stable identity for a checkpoint: package version, preset, epoch and a weights digest.
+
+    An ensemble's is derived from all its members' weights, in order, and says ``ensemble<K>``.
+    """
     digest = hashlib.sha256()
-    for name, tensor in sorted(payload["model_state"].items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().reshape(-1).numpy().tobytes())
+    for state in member_states(payload):
+        for name, tensor in sorted(state.items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().reshape(-1).numpy().tobytes())
     epoch = payload.get("epoch")
-    return f"{payload.get('package_version')}/{payload.get('preset_name')}/epoch{epoch}/{digest.hexdigest()[:12]}"
+    label = f"ensemble{len(member_states(payload))}" if payload.get(ENSEMBLE_KEY) else f"epoch{epoch}"
+    return f"{payload.get('package_version')}/{payload.get('preset_name')}/{label}/{digest.hexdigest()[:12]}"
+
+
+def spread_column(preset: Preset) -> str:
+    """The column of an ensemble's spread (SD over its members, per ECG) of the main output."""
+    if preset.target.task == "regression" and preset.target.column == "lv_mass_g":
+        return "lv_mass_pred_sd_g"
+    return f"{preset.target.column}_{'pred' if preset.target.task == 'regression' else 'prob'}_sd"
 
 
 @dataclass
@@ -68,6 +82,9 @@ class Predictor:
     calibration: Calibration | None = None
     #: Interval level used when predicting (None: the calibration's own, 0.9 unless set otherwise).
     interval_level: float | None = None
+    #: An ensemble's networks (``model`` is the first): outputs are their mean (probabilities for a
+    #: binary target), with the members' SD per ECG in extra columns. Empty: ``model`` alone.
+    members: list[LVMNet] = field(default_factory=list)
 
     @classmethod
     def from_checkpoint(
@@ -94,6 +111,13 @@ class Predictor:
             # Which data the intervals were calibrated on, how many ECGs (None: not calibrated).
             "calibration": calibration.summary() if calibration else None,
         }
+        if loaded.members:  # an ensemble: its size and each member's best epoch and validation metrics
+            ensemble = payload[ENSEMBLE_KEY]
+            summary["ensemble"] = {
+                "kind": ensemble.get("kind"),
+                "size": len(loaded.members),
+                "members": [{"epoch": m.get("epoch"), "metrics": m.get("metrics", {})} for m in ensemble["members"]],
+            }
         return cls(
             loaded.model,
             loaded.preset,
@@ -102,6 +126,7 @@ class Predictor:
             training_summary=summary,
             calibration=calibration,
             interval_level=interval_level,
+            members=loaded.members,
         )
 
     @classmethod
@@ -120,19 +145,33 @@ class Predictor:
         return self.interval_level if self.interval_level is not None else self.calibration.level
 
     @torch.inference_mode()
-    def model_outputs(self, ecg: np.ndarray, covariates: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw forward pass: (main output in target units or probability, LVH probability or None)."""
+    def member_outputs(
+        self, ecg: np.ndarray, covariates: Mapping[str, Any]
+    ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Each network's (main output in target units or probability, LVH probability or None).
+
+        One entry per ensemble member (one for a single model); the input is prepared once.
+        """
         n = len(ecg)
         x = torch.from_numpy(prepare_input(ecg, self.preset)).to(self.device)
         cov = prepare_covariates(covariates, n, self.preset)
         cov_t = torch.from_numpy(cov).to(self.device) if cov.shape[1] else None
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.model(x, cov_t)
-        main = model_to_target(out.main.float().cpu().numpy(), self.preset)
-        lvh_prob = None
-        if out.lvh_logits is not None:
-            lvh_prob = torch.softmax(out.lvh_logits.float(), dim=-1)[:, 1].cpu().numpy()
-        return main, lvh_prob
+        mains: list[np.ndarray] = []
+        lvh_probs: list[np.ndarray] = []
+        for network in self.members or [self.model]:
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                out = network(x, cov_t)
+            mains.append(model_to_target(out.main.float().cpu().numpy(), self.preset))
+            if out.lvh_logits is not None:
+                lvh_probs.append(torch.softmax(out.lvh_logits.float(), dim=-1)[:, 1].cpu().numpy())
+        return mains, lvh_probs or None
+
+    def model_outputs(self, ecg: np.ndarray, covariates: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Forward pass: (main output in target units or probability, LVH probability or None).
+
+        An ensemble gives its members' mean (of grams, or of probabilities); one model its own output.
+        """
+        return _mean_outputs(*self.member_outputs(ecg, covariates))
 
     def predict(self, ecg: np.ndarray, metadata: Mapping[str, Any]) -> pd.DataFrame:
         """Predictions for canonical int16 ECGs [n, 12, 5000] with their metadata columns.
@@ -141,7 +180,8 @@ class Predictor:
         arrays of length n; missing covariates are allowed. Returns one row per ECG.
         """
         n = len(ecg)
-        main, lvh_prob = self.model_outputs(ecg, metadata)
+        member_main, member_lvh = self.member_outputs(ecg, metadata)
+        main, lvh_prob = _mean_outputs(member_main, member_lvh)
         frame = pd.DataFrame({"ecg_id": np.asarray(metadata.get("ecg_id", np.arange(n).astype(str)), dtype=object)})
         sex = _column(metadata, "sex", n, object)
         if self.preset.target.task == "regression" and self.target_column == "lv_mass_g":
@@ -158,6 +198,10 @@ class Predictor:
             frame[f"{self.target_column}_prob"] = main
         if lvh_prob is not None:
             frame["lvh_prob"] = lvh_prob
+        if len(member_main) > 1:  # an ensemble: how much its members disagree on each ECG (sample SD)
+            frame[spread_column(self.preset)] = np.std(np.stack(member_main), axis=0, ddof=1)
+            if member_lvh is not None:
+                frame["lvh_prob_sd"] = np.std(np.stack(member_lvh), axis=0, ddof=1)
         rules = measure_batch(ecg, list(sex), self.rules_config)
         frame = pd.concat([frame, rules.reset_index(drop=True)], axis=1)
         frame["model_preset"] = self.preset.name
@@ -199,6 +243,13 @@ def checkpoint_calibration(payload: Mapping[str, Any], version: str | None = Non
             "run `lvm-ray calibrate` again"
         )
     return calibration
+
+
+def _mean_outputs(mains: list[np.ndarray], lvh_probs: list[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The members' mean outputs; one member's outputs are returned as they are (bit for bit)."""
+    if len(mains) == 1:
+        return mains[0], lvh_probs[0] if lvh_probs else None
+    return np.mean(np.stack(mains), axis=0), np.mean(np.stack(lvh_probs), axis=0) if lvh_probs else None
 
 
 def _column(metadata: Mapping[str, Any], name: str, n: int, kind: type) -> np.ndarray:

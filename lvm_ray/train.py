@@ -31,6 +31,8 @@ from lvm_ray.fitting import (
     input_columns,
     make_optimizer,
     make_scheduler,
+    selection_score,
+    step_scheduler,
     target_metrics,
     train_epoch,
     validate_epoch,
@@ -216,8 +218,10 @@ def train_func(config: dict[str, Any]) -> None:
         parts = [g[4] for g in gathered]
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         val_metrics = epoch_metrics(preset, merged["main"], merged["y"], merged["lvh_prob"], merged["lvh"])
-        scheduler.step(val_loss)
-        improved = val_loss < state["best_val_loss"]
+        step_scheduler(scheduler, val_loss)
+        # The preset's selection metric picks the best epoch (the validation loss unless it names another).
+        best_so_far = selection_score(preset, state["best_val_loss"], state["best_metrics"])
+        improved = selection_score(preset, val_loss, val_metrics) < best_so_far
         if improved:
             state.update(
                 best_val_loss=val_loss,
@@ -348,8 +352,11 @@ def build_datasets(cfg: TrainConfig, split_table: pd.DataFrame) -> dict[str, Any
     }
 
 
-def build_trainer(cfg: TrainConfig, datasets: Mapping[str, Any]) -> Any:
-    """The TorchTrainer: ScalingConfig from the config, storage under RUN/ray, FailureConfig."""
+def build_trainer(cfg: TrainConfig, datasets: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> Any:
+    """The TorchTrainer: ScalingConfig from the config, storage under RUN/ray, FailureConfig.
+
+    ``callbacks``: Ray Train callbacks (``lvm_ray.tune`` passes Ray Tune's report callback).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -373,6 +380,7 @@ def build_trainer(cfg: TrainConfig, datasets: Mapping[str, Any]) -> Any:
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks) or None,
         ),
         datasets=dict(datasets),
     )
@@ -587,6 +595,7 @@ class _SplitEvaluator:
         pred, lvh_prob = self.predictor.model_outputs(rows["ecg"], rows)
         true = pd.to_numeric(pd.Series(rows[preset.target.column], dtype=object), errors="coerce").to_numpy(float)
         return {
+            "ecg_id": np.array([str(i) for i in rows["ecg_id"]], dtype=object),
             "pred": np.asarray(pred, dtype=float),
             "true": true,
             "lvh_prob": np.asarray(lvh_prob, dtype=float) if lvh_prob is not None else np.full(n, np.nan),
@@ -606,7 +615,7 @@ def split_predictions(
 ) -> dict[str, np.ndarray]:
     """The model at ``checkpoint`` on the rows of ``data`` whose ecg_id is in ``ids`` (None: all rows).
 
-    Arrays pred, true (the preset's target), lvh_prob, lvh, sex ('M'/'F'/''), bsa_m2; read with Ray
+    Arrays ecg_id, pred, true (the preset's target), lvh_prob, lvh, sex ('M'/'F'/''), bsa_m2; read with Ray
     Data through the Predictor, as the test evaluation and ``lvm-ray calibrate`` need them.
     """
     from functools import partial
@@ -628,7 +637,8 @@ def split_predictions(
         batch_size=256,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
     )
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("pred", "true", "lvh_prob", "lvh", "sex", "bsa_m2")}
+    keys = ("ecg_id", "pred", "true", "lvh_prob", "lvh", "sex", "bsa_m2")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
         for key in parts:
             parts[key].append(np.asarray(batch[key]))
