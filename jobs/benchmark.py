@@ -608,6 +608,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ensemble", type=int, default=1, help="members of the new recipe (lvm-ray train --ensemble)")
     parser.add_argument("--new-epochs", type=int, default=None, help="epochs of the new recipe (default: its own)")
+    parser.add_argument("--new-num-workers", type=int, default=None, help="workers per member (default: --num-workers)")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
 
 
@@ -682,15 +683,16 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
                 else get_preset(args.new_preset)
             )
             new_run = os.path.join(tmp, "new")
+            new_common = {**common, "num_workers": args.new_num_workers or args.num_workers}
             started = time.perf_counter()
             if args.ensemble > 1:
                 from lvm_ray.ensemble import train_ensemble
 
                 new_result = train_ensemble(
-                    args.data, new_run, args.ensemble, preset=new, max_epochs=args.new_epochs, **common
+                    args.data, new_run, args.ensemble, preset=new, max_epochs=args.new_epochs, **new_common
                 )
             else:
-                new_result = train(args.data, new_run, preset=new, max_epochs=args.new_epochs, **common)
+                new_result = train(args.data, new_run, preset=new, max_epochs=args.new_epochs, **new_common)
             new_s = time.perf_counter() - started
             new_ids, new_labels, new_scores = _val_scores(new_run, args.data)
             if not (np.array_equal(ids, new_ids) and np.array_equal(labels, new_labels, equal_nan=True)):
@@ -699,6 +701,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
             report["new_recipe"] = {
                 "preset": trained.name,
                 "ensemble": args.ensemble,
+                "num_workers": new_common["num_workers"],
                 "epochs": trained.optim.max_epochs,
                 "best_epoch": new_result.best_epoch,
                 **new_result.val_metrics,

@@ -17,7 +17,8 @@ would give each member 1/K less training data and a different validation split, 
 ensemble has no held-out rows of its own to be scored and calibrated on.)
 
 Members run concurrently when the cluster has room for more than one (each is one
-``lvm_ray.train.train`` call, in its own thread), else one after another. The ensemble's
+``lvm_ray.train.train`` call, in its own thread), else one after another; the shards are read
+and preprocessed once for all of them (:class:`SharedInputs`). The ensemble's
 outputs are the members' mean (``lvm_ray.predict.Predictor``); it is evaluated and calibrated
 on the validation split like any run. Re-running the same command resumes each member.
 """
@@ -25,14 +26,17 @@ on the validation split like any run. Re-running the same command resumes each m
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from lvm_ray import __version__, store
 from lvm_ray.model import MODEL_FILE, ensemble_payload, read_payload, write_payload
@@ -41,6 +45,7 @@ from lvm_ray.runs import (
     RUN_FILE,
     SPLIT_FILE,
     TEST_METRICS_FILE,
+    TrainConfig,
     TrainError,
     TrainResult,
     check_run_folder,
@@ -72,6 +77,29 @@ def member_run(run: str, index: int) -> str:
 def is_ensemble_run(run: str) -> bool:
     record = load_run_record(run)
     return bool(record) and record.get("kind") == ENSEMBLE_KIND
+
+
+class SharedInputs:
+    """The members' Ray Datasets, built once: members differ only by seed, so their inputs are the same.
+
+    Passed to :func:`lvm_ray.train.train` as ``datasets_from``; one preprocessing (and, cached,
+    one copy in the object store) serves every member, also when members run concurrently.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._built: dict[str, Mapping[str, Any]] = {}
+
+    def __call__(self, cfg: TrainConfig, split_table: pd.DataFrame) -> Mapping[str, Any]:
+        from lvm_ray.train import build_datasets
+
+        identity = {k: v for k, v in cfg.identity().items() if k != "seed"}
+        splits = pd.util.hash_pandas_object(split_table[["ecg_id", "split"]], index=False).sum()
+        key = json.dumps([store.jsonable(identity), cfg.cache_inputs, int(splits)], sort_keys=True, default=str)
+        with self._lock:  # concurrent members wait for the first build rather than repeat it
+            if key not in self._built:
+                self._built[key] = build_datasets(cfg, split_table)
+            return self._built[key]
 
 
 def concurrent_members(size: int, num_workers: int, cpus_per_worker: float, use_gpu: bool | None) -> int:
@@ -145,6 +173,8 @@ def train_ensemble(
     }
     store.write_json(store.join_url(run, RUN_FILE), run_record)
 
+    shared = SharedInputs()
+
     def one(i: int) -> TrainResult:
         print(f"[lvm-ray train] ensemble member {i + 1}/{size} (seed {seed + i}) -> {member_run(run, i)}", flush=True)
         return train(
@@ -154,6 +184,7 @@ def train_ensemble(
             evaluate_test=False,
             address=address,
             verbose=verbose,
+            datasets_from=shared,
             **train_kwargs,
         )
 

@@ -340,15 +340,15 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="ptbxl-lvh",
             description="Real 12-lead ECGs (PTB-XL-like), 100 Hz x 10 s, binary LVH statement: uV/1000 "
-            "(absolute voltage, no per-record scaling), kernel 9, stem 24, dense blocks 24/32/48/48 with batch "
+            "(absolute voltage, no per-record scaling), kernel 9, stem 16, dense blocks 16/24/32/32 with batch "
             "norm, global mean+max pooling, dropout 0.2, age and sex beside the ECG, BCE; random time shifts "
-            "of up to 1 s in training (amplitudes untouched); cosine schedule over 16 epochs; best epoch by "
-            "validation AUROC.",
+            "of up to 1 s in training (amplitudes untouched); cosine schedule over 10 epochs; best epoch by "
+            "validation AUROC. Meant for ensembles (train --ensemble K): small members, several seeds.",
             input=InputSpec(sample_rate_hz=100, n_samples=1000, scale_uv=1000.0),
             arch=ArchSpec(
                 kernel_size=9,
-                stem_filters=24,
-                block_filters=(24, 32, 48, 48),
+                stem_filters=16,
+                block_filters=(16, 24, 32, 32),
                 convs_per_block=2,
                 pool_size=2,
                 batch_norm=True,
@@ -366,7 +366,7 @@ PRESETS: dict[str, Preset] = {
                 plateau_patience=3,
                 plateau_factor=0.5,
                 early_stopping_patience=8,
-                max_epochs=16,
+                max_epochs=10,
                 schedule="cosine",
                 selection_metric="auroc",
             ),

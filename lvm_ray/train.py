@@ -416,6 +416,7 @@ def train(
     placement_strategy: str = "PACK",
     fault: FaultInjection | None = None,
     verbose: bool = False,
+    datasets_from: Callable[[TrainConfig, pd.DataFrame], Mapping[str, Any]] | None = None,
 ) -> TrainResult:
     """Train (or resume) a model on DATA into RUN with Ray Train; return the run's result.
 
@@ -503,7 +504,8 @@ def train(
     }
     store.write_json(_url(run, RUN_FILE), run_record)
 
-    datasets = build_datasets(cfg, split_table)
+    # An ensemble's members share one build (lvm_ray.ensemble): they differ only by seed.
+    datasets = (datasets_from or build_datasets)(cfg, split_table)
     try:
         with EpochPrinter(_url(run, METRICS_FILE), cfg.max_epochs, cfg.preset.target.task, run):
             result = build_trainer(cfg, datasets).fit()

@@ -62,7 +62,7 @@ def test_train_cli_reports_a_bad_preset_file_without_a_traceback(tmp_path):
 def test_choices_change_what_they_name_and_nothing_else():
     base = get_preset("ptbxl-lvh")
     tuned = apply_choices(base, {"lr": 1e-3, "width": 1.5, "kernel_size": 11, "dropout": 0.1, "max_epochs": 6}, "t")
-    assert tuned.arch.stem_filters == 36 and tuned.arch.block_filters == (36, 48, 72, 72)
+    assert tuned.arch.stem_filters == 24 and tuned.arch.block_filters == (24, 36, 48, 48)
     assert tuned.arch.kernel_size == 11 and tuned.arch.dropout == 0.1
     assert tuned.optim.lr == 1e-3 and tuned.optim.max_epochs == 6
     assert (tuned.input, tuned.target, tuned.covariates, tuned.augment) == (
@@ -72,7 +72,7 @@ def test_choices_change_what_they_name_and_nothing_else():
         base.augment,
     )
     assert tuned.optim.selection_metric == base.optim.selection_metric and tuned.name == "t"
-    assert epoch_choices(16) == [8, 12, 16] and epoch_choices(1) == [1]
+    assert epoch_choices(16) == [8, 12, 16] and epoch_choices(10) == [5, 8, 10] and epoch_choices(1) == [1]
 
 
 def test_tune_refuses_a_folder_it_did_not_write(tmp_path):
