@@ -435,6 +435,28 @@ def load_checkpoint(
 ENSEMBLE_KEY = "ensemble"
 
 
+class MeanOfMembers(nn.Module):
+    """An ensemble as one network: the mean of its members' main outputs (and LVH logits).
+
+    For gradient-based explanations of an ensemble (attributions are linear in the output, so
+    these are the mean of the members' attributions). For a regression target the mean z-score
+    is the mean in target units; predictions themselves are averaged by ``Predictor`` (in
+    probabilities for a binary target).
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, ecg: torch.Tensor, covariates: torch.Tensor | None = None) -> ModelOutput:
+        outputs = [member(ecg, covariates) for member in self.members]
+        main = torch.stack([o.main for o in outputs]).mean(dim=0)
+        logits = [o.lvh_logits for o in outputs if o.lvh_logits is not None]
+        return ModelOutput(main, torch.stack(logits).mean(dim=0) if logits else None)
+
+
 def member_states(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The state dicts of a checkpoint's networks: every ensemble member's, or the one model's."""
     ensemble = payload.get(ENSEMBLE_KEY)

@@ -22,6 +22,7 @@ from lvm_ray.model import (
     CheckpointError,
     LoadedCheckpoint,
     LVMNet,
+    MeanOfMembers,
     load_checkpoint,
     member_states,
     read_payload,
@@ -136,6 +137,11 @@ class Predictor:
     @property
     def target_column(self) -> str:
         return self.preset.target.column
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The model as one network: ``model``, or for an ensemble the mean of its members (for explanations)."""
+        return MeanOfMembers(self.members) if self.members else self.model
 
     @property
     def level(self) -> float | None:

@@ -76,6 +76,19 @@ def test_ensemble_averages_the_members_and_reports_their_spread(tmp_path, people
     assert len(load_checkpoint(url).members) == 3
 
 
+def test_the_ensemble_as_one_network_gives_the_mean_in_grams(tmp_path, people):
+    """Predictor.network (what gradient explanations differentiate) is the members' mean output."""
+    ecg, meta = people
+    predictor = Predictor.from_checkpoint(_ensemble(tmp_path, _members(tmp_path)), use_gpu=False)
+    x = torch.from_numpy(prepare_input(ecg, predictor.preset))
+    with torch.no_grad():
+        z = predictor.network(x).main.numpy()
+    grams = predictor.predict(ecg, meta)["lv_mass_pred_g"].to_numpy()
+    np.testing.assert_allclose(model_to_target(z, predictor.preset), grams, rtol=1e-5)
+    single = Predictor.from_checkpoint(tiny_checkpoint(str(tmp_path / "s.pt")), use_gpu=False)
+    assert single.network is single.model
+
+
 def test_a_binary_ensemble_averages_probabilities_not_logits(tmp_path, people):
     ecg, meta = people
     preset = get_preset("ptbxl-lvh")
