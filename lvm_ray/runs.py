@@ -8,6 +8,7 @@ Layout of a run at ``RUN`` (a local path or an fsspec URL every worker can reach
     RUN/model.pt        the best model by validation loss (what ``score`` and ``serve`` load)
     RUN/test_metrics.json  the best model on the held-out test split (when there is one)
     RUN/ray/            Ray Train's storage: a checkpoint per epoch, used to resume
+    RUN/members/<i>/    an ensemble's members, each a run folder like this one (``lvm_ray.ensemble``)
 
 The split of every row is assigned once (:func:`index_pass`) and written to split.parquet;
 the training datasets and the test evaluation read it. See docs/architecture.md, "Run folder".
