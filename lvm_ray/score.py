@@ -283,13 +283,12 @@ def _check_same_intervals(out: str, intervals: dict[str, Any], resuming: bool) -
     url = store.join_url(out, SUMMARY_FILE)
     if not resuming or not intervals or not store.exists(url):
         return
-    before = store.read_json(url)
-    if "calibration_id" not in before:
-        return  # written before intervals existed
+    before = store.read_json(url)  # a summary from before intervals existed has neither key: None
     for key, what in (("calibration_id", "calibration"), ("interval_level", "interval level")):
         if before.get(key) != intervals.get(key):
+            then, now = (v if v is not None else "none" for v in (before.get(key), intervals.get(key)))
             raise ScoringError(
-                f"{out} holds predictions with another {what} ({before.get(key)}; now {intervals.get(key)}); "
+                f"{out} holds predictions with another {what} ({then}; now {now}); "
                 "pass --overwrite or choose another --out"
             )
 

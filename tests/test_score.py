@@ -128,7 +128,7 @@ def calibrated(tmp_path_factory) -> str:
     return url
 
 
-def test_score_writes_intervals_at_the_chosen_level(cohort, calibrated, tmp_path, ray_cluster):
+def test_score_writes_intervals_at_the_chosen_level(cohort, checkpoint, calibrated, tmp_path, ray_cluster):
     out90, out50 = str(tmp_path / "p90"), str(tmp_path / "p50")
     result = score(cohort, calibrated, out90, num_actors=1)
     assert result.interval_level == 0.9 and result.calibration_id
@@ -151,5 +151,8 @@ def test_score_writes_intervals_at_the_chosen_level(cohort, calibrated, tmp_path
     # A folder holds one level: resuming it with another is refused, not mixed.
     with pytest.raises(ScoringError, match="another interval level"):
         score(cohort, calibrated, out50, interval_level=0.8)
+    # The same weights without their calibration (the same model_version) are not mixed in either.
+    with pytest.raises(ScoringError, match=r"another calibration \(\w+; now none\)"):
+        score(cohort, checkpoint, out90)
     with pytest.raises(ScoringError, match="between 0 and 1"):
         score(cohort, calibrated, str(tmp_path / "bad"), interval_level=90)
