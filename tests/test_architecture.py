@@ -31,6 +31,10 @@ PURE = (
     "outcomes",
     "report",
     "progress",
+    "conformal",
+    "explain",
+    "modelcard",
+    "keras_import",
 )
 
 

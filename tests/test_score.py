@@ -62,7 +62,8 @@ def test_score_matches_predictor_and_is_idempotent(cohort, checkpoint, tmp_path,
     )
     merged = direct.merge(preds, on="ecg_id", suffixes=("_direct", ""))
     np.testing.assert_allclose(merged.lv_mass_pred_g, merged.lv_mass_pred_g_direct, rtol=1e-5)
-    np.testing.assert_allclose(merged.sokolow_lyon_uv, merged.sokolow_lyon_uv_direct, rtol=1e-9)
+    # The batched rules sum in chunk order: batches of other ECGs change only float rounding.
+    np.testing.assert_allclose(merged.sokolow_lyon_uv, merged.sokolow_lyon_uv_direct, rtol=1e-6)
     expected_lvmi = preds.lv_mass_pred_g / preds.bsa_m2
     np.testing.assert_allclose(preds.lvmi_pred, expected_lvmi)
     # Scoring twice into the same output adds nothing.
