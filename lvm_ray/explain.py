@@ -438,8 +438,23 @@ def figure_file_name(ecg_id: str) -> str:
 # Figures: a printed 12-lead ECG with the attribution as a colour band
 # --------------------------------------------------------------------------------------------
 
-_GRID_MINOR = "#f6c9c9"
-_GRID_MAJOR = "#e89a9a"
+_GRID_MINOR = "#fbe1e1"
+_GRID_MAJOR = "#f0b0b0"
+
+
+def _paper(ax: Any, seconds: float, half: float) -> None:
+    """ECG paper: 40 ms x 0.1 mV small squares, 200 ms x 0.5 mV large ones (two line collections:
+    thousands of separate grid lines would make each figure take seconds)."""
+    from matplotlib.collections import LineCollection
+
+    small_x = np.arange(0.0, seconds + 1e-9, 0.04)
+    small_y = np.arange(-half, half + 1e-9, 0.1)
+    for xs, ys, colour, width in (
+        (small_x, small_y, _GRID_MINOR, 0.25),
+        (small_x[::5], np.arange(-half, half + 1e-9, 0.5), _GRID_MAJOR, 0.6),
+    ):
+        segments = [((x, -half), (x, half)) for x in xs] + [((0.0, y), (seconds, y)) for y in ys]
+        ax.add_collection(LineCollection(segments, colors=colour, linewidths=width, zorder=1))
 
 
 def _smooth(a: np.ndarray, samples: int) -> np.ndarray:
@@ -479,16 +494,11 @@ def ecg_figure(
             cmap="RdBu_r",
             norm=norm,
             extent=(0.0, seconds, -half, half),
-            alpha=0.55,
+            alpha=0.75,
             interpolation="nearest",
             zorder=0,
         )
-        ax.set_xticks(np.arange(0, seconds + 1e-9, 0.2))
-        ax.set_xticks(np.arange(0, seconds + 1e-9, 0.04), minor=True)
-        ax.set_yticks(np.arange(-half, half + 1e-9, 0.5))
-        ax.set_yticks(np.arange(-half, half + 1e-9, 0.1), minor=True)
-        ax.grid(which="minor", color=_GRID_MINOR, lw=0.25, zorder=1)
-        ax.grid(which="major", color=_GRID_MAJOR, lw=0.6, zorder=1)
+        _paper(ax, seconds, half)
         ax.plot(t, wave[j], color="black", lw=0.6, zorder=3)
         ax.set_xlim(0, seconds)
         ax.set_ylim(-half, half)
