@@ -174,7 +174,7 @@ def test_validate_with_cmr_labels(ray_cluster, ingested, checkpoint, tmp_path) -
 
     report = Path(outputs["paths"]["report"])
     parsed = _parse(report)
-    assert {img["id"] for img in parsed.images} == {"fig-scatter", "fig-bland-altman", "fig-roc"}
+    assert {"fig-scatter", "fig-bland-altman", "fig-roc"} <= {img["id"] for img in parsed.images}
     text = " ".join(parsed.text)
     assert "Any ECG rule" in text and outputs["model_version"] in text
     screenshot_is_drawn(report, tmp_path)
@@ -237,7 +237,8 @@ def test_validate_with_an_lvh_column_and_no_cmr_mass(ray_cluster, ingested, chec
         assert metrics["c_statistics"]["any_rule"]["auc"] == pytest.approx(expected, abs=1e-12)
 
     parsed = _parse(out / "report.html")
-    assert {img["id"] for img in parsed.images} == {"fig-roc"}  # nothing to plot against a CMR mass
+    figures = {img["id"] for img in parsed.images}
+    assert "fig-roc" in figures and not figures & {"fig-scatter", "fig-bland-altman"}  # no CMR mass to plot
     text = " ".join(parsed.text)
     assert "Reference LVH: the labels' column lvh" in text and "No CMR LV mass" in text
 
