@@ -273,8 +273,10 @@ def explain(
     internal_batch_size: int = DEFAULT_INTERNAL_BATCH,
 ) -> Explanation:
     """:func:`attribute` for a loaded :class:`lvm_ray.predict.Predictor` (its model, preset and device)."""
+    # ``network``: the model, or an ensemble's members averaged (what the ensemble predicts).
+    network = getattr(predictor, "network", predictor.model)
     return attribute(
-        predictor.model,
+        network,
         predictor.preset,
         ecg,
         metadata,
