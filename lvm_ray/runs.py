@@ -41,7 +41,18 @@ FAULT_MARKER = "_fault_injected"
 #: An ensemble run's members, each a run folder of its own: RUN/members/<i> (``lvm_ray.ensemble``).
 MEMBERS_DIR = "members"
 #: Everything a run writes: the only names ``--overwrite`` removes from RUN.
-RUN_OUTPUTS = (RUN_FILE, SPLIT_FILE, METRICS_FILE, MODEL_FILE, TEST_METRICS_FILE, RAY_DIR, FAULT_MARKER, MEMBERS_DIR)
+RUN_OUTPUTS = (
+    RUN_FILE,
+    SPLIT_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    TEST_METRICS_FILE,
+    RAY_DIR,
+    FAULT_MARKER,
+    MEMBERS_DIR,
+    "model_card.md",
+    "model_card.json",
+)
 
 
 class TrainError(RuntimeError):
