@@ -71,6 +71,16 @@ def _model_card(source: str | None, version: str) -> dict[str, Any] | None:
     return card if card.get("model_version") == version else None
 
 
+async def _raw_from_upload(files: list[UploadFile], sample_rate: float | None, **covariates: Any) -> RawECG:
+    """An upload (read off the event loop by the format readers) with the form's covariates applied."""
+    uploads = [(f.filename, await f.read()) for f in files]
+    raw = await asyncio.get_running_loop().run_in_executor(None, partial(read_upload, uploads, sample_rate))
+    for name, value in covariates.items():
+        if value is not None:
+            setattr(raw, name, value)
+    return raw
+
+
 @serve.deployment(name="LVMassPredictor", max_ongoing_requests=32)
 @serve.ingress(api)
 class LVMassPredictor:
@@ -125,11 +135,7 @@ class LVMassPredictor:
         sample_rate: Annotated[float | None, Form(gt=0, description="Only for .npy uploads.")] = None,
     ) -> dict[str, Any]:
         """Predict from an uploaded WFDB pair, GE MUSE XML, GE CardioSoft XML, HL7 aECG, DICOM or NumPy file."""
-        uploads = [(f.filename, await f.read()) for f in files]
-        raw = await asyncio.get_running_loop().run_in_executor(None, partial(read_upload, uploads, sample_rate))
-        for name, value in (("age", age), ("sex", sex), ("height_cm", height_cm), ("weight_kg", weight_kg)):
-            if value is not None:
-                setattr(raw, name, value)
+        raw = await _raw_from_upload(files, sample_rate, age=age, sex=sex, height_cm=height_cm, weight_kg=weight_kg)
         return await self._predict_raw(raw)
 
     # --- explanations: the prediction plus integrated-gradients attributions (lvm_ray.explain) ---
@@ -178,11 +184,7 @@ class LVMassPredictor:
         sample_rate: Annotated[float | None, Form(gt=0, description="Only for .npy uploads.")] = None,
     ) -> dict[str, Any]:
         """/v1/explain for an uploaded ECG export (the formats of /v1/predict/file)."""
-        uploads = [(f.filename, await f.read()) for f in files]
-        raw = await asyncio.get_running_loop().run_in_executor(None, partial(read_upload, uploads, sample_rate))
-        for name, value in (("age", age), ("sex", sex), ("height_cm", height_cm), ("weight_kg", weight_kg)):
-            if value is not None:
-                setattr(raw, name, value)
+        raw = await _raw_from_upload(files, sample_rate, age=age, sex=sex, height_cm=height_cm, weight_kg=weight_kg)
         return await self._explain_raw(raw)
 
     @api.get("/healthz")

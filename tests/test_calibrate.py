@@ -163,6 +163,9 @@ def test_training_calibrates_on_the_validation_split(trained_run) -> None:
     assert all(calibration.groups[s].coef is not None and calibration.groups[s].coef[2] > 0 for s in ("M", "F"))
 
 
+HELDOUT_N = 4000
+
+
 @pytest.fixture(scope="module")
 def recalibrated(trained_run, tmp_path_factory) -> dict:
     """The trained model recalibrated with `lvm-ray calibrate` on a large independent cohort of the
@@ -175,18 +178,22 @@ def recalibrated(trained_run, tmp_path_factory) -> dict:
     for name in ("model.pt", "run.json", "split.parquet"):
         shutil.copy(Path(trained_run.run) / name, run / name)
     data = str(root / "calibration-cohort")
-    write_cohort(4000, 23, data, chunk_size=500)
+    write_cohort(6000, 23, data, chunk_size=1000)
     result = CliRunner().invoke(app, ["calibrate", "--run", str(run), "--data", data])
     assert result.exit_code == 0, result.output
+    # A held-out cohort large enough that sampling alone keeps each sex's coverage within the
+    # 87-93% band (SE about 0.9 points with 6000 calibration and ~2000 test ECGs a sex).
+    heldout = str(root / "heldout-cohort")
+    write_cohort(HELDOUT_N, 24, heldout, chunk_size=1000)
     out = str(root / "preds")
-    score(trained_run.heldout, str(run), out, num_actors=2)
+    score(heldout, str(run), out, num_actors=2)
     metrics = evaluate(out, str(root / "eval"))
     return {"run": str(run), "preds": read_predictions(out), "metrics": metrics, "eval": str(root / "eval")}
 
 
 @pytest.mark.slow
 def test_heldout_coverage_of_the_training_time_calibration(trained_run, recalibrated) -> None:
-    """The intervals train made (calibrated on ~120 ECGs per sex) on the 2000 held-out ECGs.
+    """The intervals train made (calibrated on ~120 ECGs per sex) on the held-out ECGs.
 
     With that few calibration scores coverage itself varies by about +-3 points from run to run
     (beta-binomial), so the check is the 99.9% range for this calibration size, which a wrong
@@ -210,7 +217,7 @@ def test_heldout_coverage_of_the_training_time_calibration(trained_run, recalibr
 def test_heldout_intervals_cover_87_to_93_percent_overall_and_in_each_sex(recalibrated) -> None:
     metrics, preds = recalibrated["metrics"], recalibrated["preds"]
     interval = metrics["interval"]
-    assert interval["level"] == LEVEL and interval["n"] == 2000
+    assert interval["level"] == LEVEL and interval["n"] == HELDOUT_N
     assert 0.87 <= interval["coverage"] <= 0.93, interval
     for sex in ("M", "F"):
         assert 0.87 <= interval["by_sex"][sex]["coverage"] <= 0.93, (sex, interval["by_sex"][sex])
