@@ -108,6 +108,8 @@ def ensure_connected(
             logging.getLogger(name).setLevel(logging.WARNING)
         # "Token authentication is enabled" is a notice, not a problem: keep it in the logs.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        # "Progress bars disabled": we disabled Ray Data's bars on purpose (lvm_ray.progress draws ours).
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     if address and address != "local":  # "local" (as in Ray) means: start our own
         target = _host_port(address)
         if target is not None:
