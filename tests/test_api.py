@@ -47,12 +47,12 @@ def test_api_imports_no_ray() -> None:
 
 
 def test_plain_fastapi_baseline_serves_without_ray(tmp_path) -> None:
-    """jobs/benchmark.py's baseline app, on real HTTP, with no Ray in the process."""
+    """jobs/bench_serve.py's baseline app, on real HTTP, with no Ray in the process."""
     checkpoint = tiny_checkpoint(str(tmp_path / "model.pt"))
     code = f"""
         import importlib.util, json, socket, sys
         import httpx, numpy as np, wfdb
-        spec = importlib.util.spec_from_file_location("benchmark", "jobs/benchmark.py")
+        spec = importlib.util.spec_from_file_location("benchmark", "jobs/bench_serve.py")
         benchmark = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(benchmark)
         from lvm_ray.predict import Predictor
