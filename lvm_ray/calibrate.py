@@ -152,6 +152,7 @@ def calibrate(
     write_calibration(model_url, calibration.to_payload())
     if model_version(read_payload(model_url)) != version:  # the weights must come back bit for bit
         raise CheckpointError(f"rewriting {model_url} changed its weights; restore it from RUN/ray")
+    _refresh_model_card(run)
     log.info("calibrated %s on %d ECGs of %s", version, calibration.provenance["n_ecgs"], data)
     return CalibrateResult(
         run=run,
@@ -165,6 +166,17 @@ def calibrate(
         calibration=calibration.summary(),
         seconds=time.time() - started,
     )
+
+
+def _refresh_model_card(run: str) -> None:
+    """Rewrite RUN's model card when it has one, so the file states the calibration now in the checkpoint.
+
+    (During `train` there is none yet: train writes it once, after calibrating.)
+    """
+    from lvm_ray.modelcard import CARD_JSON, write_model_card
+
+    if store.exists(store.join_url(run, CARD_JSON)):
+        write_model_card(run)
 
 
 def calibrate_after_training(run: str, data: str, address: str | None = None) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ from lvm_ray.conformal import Calibration, conformal_ranks
 from lvm_ray.evaluate import evaluate
 from lvm_ray.lvh import LVHConfig
 from lvm_ray.model import build_model, read_payload, save_checkpoint
+from lvm_ray.modelcard import write_model_card
 from lvm_ray.predict import Predictor, model_version
 from lvm_ray.presets import get_preset
 from lvm_ray.score import read_predictions, score
@@ -95,6 +96,7 @@ def imported_run(folder: Path) -> str:
 def test_calibrate_cli_on_an_imported_run_keeps_the_weights(cohorts, tmp_path, ray_cluster) -> None:
     site, other = cohorts
     run = imported_run(tmp_path / "run")
+    card_before = write_model_card(run)["markdown"]  # as import-keras does
     before = read_payload(run)
     uncalibrated = Predictor.from_checkpoint(run)
     assert uncalibrated.calibration is None and uncalibrated.level is None
@@ -111,6 +113,10 @@ def test_calibrate_cli_on_an_imported_run_keeps_the_weights(cohorts, tmp_path, r
     assert prov["data"] == site and prov["split"] == "all labelled rows" and prov["stage"] == "calibrate"
     assert prov["n_ecgs"] == 400 and prov["n_by_group"]["M"] + prov["n_by_group"]["F"] == 400
     assert prov["model_version"] == model_version(before) and prov["created"]
+    # The model card file on disk now states this calibration (not the uncalibrated model's).
+    card = json.loads((tmp_path / "run" / "model_card.json").read_text())
+    assert card["calibration"]["id"] == calibration.identity
+    assert (tmp_path / "run" / "model_card.md").read_text() != card_before
     # The random model's predictions hardly vary: no regression, the plain log ratios.
     assert calibration.groups["M"].coef is None
     # On ECGs it was not calibrated on, the intervals cover what they claim (within sampling error).
