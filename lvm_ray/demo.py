@@ -65,7 +65,8 @@ def run_demo(
         sources = [str(p) for p in (samples / "ptbxl", samples / "formats") if p.exists()]
         result = ingest(sources, real, overwrite=True, use_ray=True)
         typer.echo(format_summary(result))
-        typer.echo(format_dataset_summary(dataset_summary(real)))
+        by_format = dataset_summary(real)["by_format"]  # the rest of the summary repeats the lines above
+        typer.echo("  formats      : " + ", ".join(f"{k}: {v}" for k, v in by_format.items()))
         outputs["real_samples"] = real
         outputs["real_samples_quarantine"] = f"{real}/quarantine.parquet"
     else:
