@@ -128,6 +128,15 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
 )
 
 
+def _first_row_per_ecg(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """A copy of ``frame`` with one row per ecg_id (the first), and the exclusions that made."""
+    df = frame.reset_index(drop=True).copy()
+    duplicated = df["ecg_id"].duplicated(keep="first")
+    if not duplicated.any():
+        return df, {}
+    return df.loc[~duplicated].reset_index(drop=True), {"duplicate_ecg_id": int(duplicated.sum())}
+
+
 def prepare_evaluation_frame(
     frame: pd.DataFrame, lvh_config: LVHConfig = LVHConfig()
 ) -> tuple[pd.DataFrame, dict[str, int], int]:
@@ -142,12 +151,7 @@ def prepare_evaluation_frame(
             f"the predictions table lacks {missing}: evaluate needs the CMR labels (lv_mass_g, bsa_m2, sex) "
             "carried through scoring beside ecg_id and lv_mass_pred_g"
         )
-    df = frame.reset_index(drop=True).copy()
-    exclusions: dict[str, int] = {}
-    duplicated = df["ecg_id"].duplicated(keep="first")
-    if duplicated.any():
-        exclusions["duplicate_ecg_id"] = int(duplicated.sum())
-        df = df.loc[~duplicated].reset_index(drop=True)
+    df, exclusions = _first_row_per_ecg(frame)
     df["sex"] = normalise_sex(df["sex"])
     for column in ("lv_mass_g", "bsa_m2", "lv_mass_pred_g"):
         df[column] = pd.to_numeric(df[column], errors="coerce").astype(float)
@@ -238,12 +242,7 @@ def prepare_lvh_reference_frame(
             f"the predictions table lacks {missing}: evaluating against an LVH column needs that column "
             "carried through scoring (a labels column at ingest) beside ecg_id and lv_mass_pred_g"
         )
-    df = frame.reset_index(drop=True).copy()
-    exclusions: dict[str, int] = {}
-    duplicated = df["ecg_id"].duplicated(keep="first")
-    if duplicated.any():
-        exclusions["duplicate_ecg_id"] = int(duplicated.sum())
-        df = df.loc[~duplicated].reset_index(drop=True)
+    df, exclusions = _first_row_per_ecg(frame)
     for column in ("lv_mass_g", "bsa_m2", "sex"):
         if column not in df.columns:
             df[column] = None
