@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -201,8 +200,9 @@ def test_figure_is_a_printed_ecg_with_a_colour_band(tiny, batch):
 def test_report_shows_three_example_ecgs_and_the_model_card(tiny, tmp_path):
     from lvm_ray.evaluate import evaluate
     from lvm_ray.report import ReportError, render_report
+    from tests.browser import screenshot
     from tests.test_evaluate import make_predictions
-    from tests.test_report import _chromium, _parse
+    from tests.test_report import _parse
 
     synth = generate_batch(5, 23)
     _write_explanations(tmp_path / "ex", tiny, synth)
@@ -226,14 +226,7 @@ def test_report_shows_three_example_ecgs_and_the_model_card(tiny, tmp_path):
     assert all(url.startswith("data:") for url in parsed.urls)
     with pytest.raises(ReportError, match="no explanations"):
         render_report(str(tmp_path / "eval"), None, str(out), explanations=str(tmp_path / "nothing"))
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("Chromium not installed: the rendering check runs where it is (CI)")
-    shot = tmp_path / "shot.png"
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
-    command += [f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,9000"]
-    subprocess.run([*command, out.resolve().as_uri()], capture_output=True, timeout=120)
-    image = Image.open(shot).convert("RGB")
+    image = screenshot(out, tmp_path / "shot.png", (1200, 9000), tmp_path / "profile").convert("RGB")
     pixels = np.asarray(image, dtype=int)
     # The explanation figures are drawn: the ECG paper's pink shows in the page.
     pink = (pixels[..., 0] > 200) & (pixels[..., 1] < 200) & (pixels[..., 2] < 200) & (pixels[..., 1] > 120)

@@ -9,9 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from PIL import Image
 from lvm_ray.evaluate import evaluate
 from lvm_ray.outcomes import outcomes
 from lvm_ray.report import render_report
+from tests.browser import assert_not_blank, screenshot
 from tests.test_evaluate import make_predictions, with_intervals
 from tests.test_outcomes import simulate_cohort
 
@@ -55,14 +53,6 @@ def _parse(path: Path) -> _Collector:
     parser = _Collector()
     parser.feed(path.read_text(encoding="utf-8"))
     return parser
-
-
-def _assert_not_blank(image: Image.Image, what: str) -> None:
-    pixels = np.asarray(image.convert("RGB"), dtype=float)
-    assert pixels.std() > 5, f"{what} looks blank (pixel std {pixels.std():.2f})"
-    rgb = pixels.reshape(-1, 3).astype(np.int64)
-    colours = np.unique((rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2])
-    assert len(colours) > 10, f"{what} has only {len(colours)} colours"
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +89,7 @@ def test_every_figure_is_an_embedded_non_blank_png(report, result_dirs) -> None:
         assert len(payload) > 5000, img["id"]
         image = Image.open(io.BytesIO(payload))
         assert image.format == "PNG" and min(image.size) > 200, img["id"]
-        _assert_not_blank(image, img["id"])
+        assert_not_blank(image, img["id"])
 
 
 def test_report_is_self_contained_with_header_and_tables(report) -> None:
@@ -138,74 +128,22 @@ def test_report_of_an_uncalibrated_model_says_it_has_no_intervals(tmp_path) -> N
     assert "uncalibrated checkpoint" in " ".join(parsed.text)
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
-
-
 def test_report_renders_in_headless_chromium(report, tmp_path) -> None:
-    browser = _chromium()
-    if browser is None:
-        if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail("Chromium not installed, but CI=true: the report rendering check must run in CI")
-        pytest.skip("Chromium not installed (apt-get install chromium); CI installs it and runs this check")
-    screenshot = tmp_path / "report.png"
-    command = [
-        browser,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        f"--screenshot={screenshot}",
-        "--window-size=1200,4000",
-        report.resolve().as_uri(),
-    ]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert screenshot.exists(), f"Chromium wrote no screenshot (rc {proc.returncode}): {proc.stderr[-2000:]}"
-    image = Image.open(screenshot)
+    image = screenshot(report, tmp_path / "report.png", (1200, 4000), tmp_path / "chromium-profile")
     assert image.size == (1200, 4000)
-    _assert_not_blank(image, "Chromium screenshot")
+    assert_not_blank(image, "Chromium screenshot")
     # The figures were drawn, not just the text: a good share of the page is non-white.
     pixels = np.asarray(image.convert("L"), dtype=float)
     assert (pixels < 240).mean() > 0.03
     # The lower part of the page (outcome figures) is rendered too.
-    _assert_not_blank(image.crop((0, 2000, 1200, 4000)), "lower half of the screenshot")
+    assert_not_blank(image.crop((0, 2000, 1200, 4000)), "lower half of the screenshot")
 
 
 def test_calibration_figures_render_in_headless_chromium(report, tmp_path) -> None:
     """Only the new figures, one page each: Chromium draws each of them (not a blank or broken image)."""
-    browser = _chromium()
-    if browser is None:
-        if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail("Chromium not installed, but CI=true: the report rendering check must run in CI")
-        pytest.skip("Chromium not installed (apt-get install chromium); CI installs it and runs this check")
     images = {img["id"]: img for img in _parse(report).images}
     for fig_id in sorted(CALIBRATION_FIGURES):
         page = tmp_path / f"{fig_id}.html"
         page.write_text(f'<html><body style="margin:0"><img id="{fig_id}" src="{images[fig_id]["src"]}"></body></html>')
-        screenshot = tmp_path / f"{fig_id}.png"
-        command = [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chromium-profile'}",
-            f"--screenshot={screenshot}",
-            "--window-size=1200,900",
-            page.resolve().as_uri(),
-        ]
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        assert screenshot.exists(), f"Chromium wrote no screenshot of {fig_id} (rc {proc.returncode})"
-        _assert_not_blank(Image.open(screenshot).crop((0, 0, 600, 400)), f"{fig_id} drawn by Chromium")
+        image = screenshot(page, tmp_path / f"{fig_id}.png", (1200, 900), tmp_path / "chromium-profile")
+        assert_not_blank(image.crop((0, 0, 600, 400)), f"{fig_id} drawn by Chromium")

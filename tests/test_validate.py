@@ -8,13 +8,11 @@ c-statistics recomputed here with scikit-learn from the predictions validate wro
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
@@ -24,9 +22,10 @@ from lvm_ray.demo import BUNDLED_SAMPLES
 from lvm_ray.evaluate import evaluate
 from lvm_ray.ingest import ingest
 from lvm_ray.score import read_predictions
+from tests.browser import assert_not_blank, screenshot
 from tests.helpers import tiny_checkpoint
 from tests.test_evaluate import make_predictions
-from tests.test_report import _assert_not_blank, _chromium, _parse
+from tests.test_report import _parse
 
 SOURCES = [str(BUNDLED_SAMPLES / "ptbxl"), str(BUNDLED_SAMPLES / "formats")]
 HEIGHT_CM, WEIGHT_KG = 170.0, 75.0
@@ -77,28 +76,8 @@ def error_lines(output: str) -> list[str]:
 
 def screenshot_is_drawn(html: Path, tmp_path: Path) -> None:
     """Headless Chromium draws the report: the screenshot is neither blank nor text only."""
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("Chromium not installed (apt-get install chromium); CI installs it and runs this check")
-    shot = tmp_path / "validate.png"
-    command = [
-        browser,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        f"--screenshot={shot}",
-        "--window-size=1200,3000",
-        html.resolve().as_uri(),
-    ]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert shot.exists(), f"Chromium wrote no screenshot (rc {proc.returncode}): {proc.stderr[-2000:]}"
-    image = Image.open(shot)
-    _assert_not_blank(image, "Chromium screenshot of the validation report")
+    image = screenshot(html, tmp_path / "validate.png", (1200, 3000), tmp_path / "chromium-profile")
+    assert_not_blank(image, "Chromium screenshot of the validation report")
     assert (np.asarray(image.convert("L"), dtype=float) < 240).mean() > 0.03  # figures, not just text
 
 
