@@ -285,6 +285,18 @@ _COVARIATES = (
     CovariateSpec("bmi", mean=27.0, sd=4.5),
 )
 
+#: The small 100 Hz network of the CPU presets (lvm-cpu, ptbxl-lvh): about 1/100 of the published FLOPs.
+_SMALL_100HZ = ArchSpec(
+    kernel_size=9,
+    stem_filters=16,
+    block_filters=(16, 24, 32, 32),
+    convs_per_block=2,
+    pool_size=2,
+    batch_norm=True,
+    head="global_pool",
+    dense_units=(32,),
+    dropout=0.1,
+)
 _LVM_AI = Preset(
     name="lvm-ai-2021",
     description="LVM-AI as published (Khurshid et al. 2021): 500 Hz x 10 s, uV/2000, kernel 71, "
@@ -313,17 +325,7 @@ PRESETS: dict[str, Preset] = {
             "kernel 9, stem 16, dense blocks 16/24/32/32 with batch norm, global mean+max pooling, "
             "Dense 32-1, logcosh; about 1/100 of the published FLOPs.",
             input=InputSpec(sample_rate_hz=100, n_samples=1000, scale_uv=1000.0),
-            arch=ArchSpec(
-                kernel_size=9,
-                stem_filters=16,
-                block_filters=(16, 24, 32, 32),
-                convs_per_block=2,
-                pool_size=2,
-                batch_norm=True,
-                head="global_pool",
-                dense_units=(32,),
-                dropout=0.1,
-            ),
+            arch=_SMALL_100HZ,
             target=TargetSpec(loss="logcosh"),
             # 32 per worker: on the default 2 workers the global batch is 64 and the rate
             # 2.12e-3 x sqrt(2) = 3e-3, the schedule this preset was tuned at.
@@ -345,18 +347,7 @@ PRESETS: dict[str, Preset] = {
             "of up to 1 s in training (amplitudes untouched); cosine schedule over 10 epochs; best epoch by "
             "validation AUROC. Meant for ensembles (train --ensemble K): small members, several seeds.",
             input=InputSpec(sample_rate_hz=100, n_samples=1000, scale_uv=1000.0),
-            arch=ArchSpec(
-                kernel_size=9,
-                stem_filters=16,
-                block_filters=(16, 24, 32, 32),
-                convs_per_block=2,
-                pool_size=2,
-                batch_norm=True,
-                head="global_pool",
-                dense_units=(32,),
-                covariate_units=8,
-                dropout=0.2,
-            ),
+            arch=dataclasses.replace(_SMALL_100HZ, covariate_units=8, dropout=0.2),
             target=TargetSpec(column="lvh", task="binary", mean=0.0, sd=1.0, loss="bce"),
             covariates=(CovariateSpec("age", mean=60.0, sd=17.0), CovariateSpec("sex", mean=0.5, sd=0.5)),
             optim=OptimSpec(
