@@ -388,9 +388,11 @@ def score(
     data: Annotated[str, typer.Option(help="Dataset URL or path.")],
     checkpoint: Annotated[str, typer.Option(help="Run folder or checkpoint file (any URL).")],
     out: Annotated[str, typer.Option(help="Predictions folder (any URL); a re-run completes it without duplicates.")],
-    batch_size: Annotated[int, typer.Option(min=1, help="ECGs per model call (memory grows with it).")] = 64,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="ECGs per model call (memory grows with it; e.g. 1024 on a GPU).")
+    ] = 64,
     num_actors: Annotated[
-        int | None, typer.Option(min=1, help="Model replicas (default: one per GPU, or CPUs/2).")
+        int | None, typer.Option(min=1, help="Model replicas (default: one per GPU, or one per CPU core).")
     ] = None,
     use_gpu: GpuOption = None,
     overwrite: Annotated[
@@ -400,6 +402,16 @@ def score(
         float | None,
         typer.Option(help="Level of the LV mass prediction intervals, e.g. 0.8 (default: the calibration's, 0.9)."),
     ] = None,
+    rules: Annotated[
+        str | None,
+        typer.Option(
+            "--rules",
+            help="Reuse this `lvm-ray rules` table (joined on ecg_id; it must hold every ECG) instead of measuring.",
+        ),
+    ] = None,
+    no_rules: Annotated[
+        bool, typer.Option("--no-rules", help="Leave the voltage-rule columns out (evaluate then lacks the rules).")
+    ] = False,
     address: AddressOption = None,
     verbose: VerboseOption = False,
 ) -> None:
@@ -411,6 +423,8 @@ def score(
     from lvm_ray.store import StoreError
 
     _setup_logging(verbose)
+    if rules is not None and no_rules:
+        _fail("--rules and --no-rules exclude each other")
     try:
         result = run_score(
             data,
@@ -423,6 +437,7 @@ def score(
             address=address,
             verbose=verbose,
             interval_level=interval_level,
+            rules=False if no_rules else rules if rules is not None else True,
         )
     except (ScoringError, StoreError, CheckpointError, ClusterError) as exc:
         _fail(str(exc))

@@ -179,11 +179,13 @@ class Predictor:
         """
         return _mean_outputs(*self.member_outputs(ecg, covariates))
 
-    def predict(self, ecg: np.ndarray, metadata: Mapping[str, Any]) -> pd.DataFrame:
+    def predict(self, ecg: np.ndarray, metadata: Mapping[str, Any], rules: bool = True) -> pd.DataFrame:
         """Predictions for canonical int16 ECGs [n, 12, 5000] with their metadata columns.
 
         ``metadata`` maps column names (ecg_id, age, sex, height_cm, weight_kg, bsa_m2, ...) to
         arrays of length n; missing covariates are allowed. Returns one row per ECG.
+        ``rules=False`` leaves out the voltage-rule columns (:data:`lvm_ray.rules.MEASURE_COLUMNS`):
+        batch scoring that reuses a rules table, or skips the rules, does not pay for measuring them.
         """
         n = len(ecg)
         member_main, member_lvh = self.member_outputs(ecg, metadata)
@@ -208,8 +210,9 @@ class Predictor:
             frame[spread_column(self.preset)] = np.std(np.stack(member_main), axis=0, ddof=1)
             if member_lvh is not None:
                 frame["lvh_prob_sd"] = np.std(np.stack(member_lvh), axis=0, ddof=1)
-        rules = measure_batch(ecg, list(sex), self.rules_config)
-        frame = pd.concat([frame, rules.reset_index(drop=True)], axis=1)
+        if rules:
+            measured = measure_batch(ecg, list(sex), self.rules_config)
+            frame = pd.concat([frame, measured.reset_index(drop=True)], axis=1)
         frame["model_preset"] = self.preset.name
         frame["model_version"] = self.version
         return frame

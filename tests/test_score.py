@@ -89,9 +89,9 @@ def test_killed_scoring_job_completes_on_rerun(cohort, checkpoint, tmp_path, ray
         def slow_loader():
             predictor = Predictor.from_checkpoint({checkpoint!r})
             inner = predictor.predict
-            def predict(ecg, meta):
+            def predict(ecg, meta, **options):
                 time.sleep(0.5)  # slow enough to be killed part-way
-                return inner(ecg, meta)
+                return inner(ecg, meta, **options)
             predictor.predict = predict
             return predictor
 
@@ -157,3 +157,64 @@ def test_score_writes_intervals_at_the_chosen_level(cohort, checkpoint, calibrat
         score(cohort, checkpoint, out90)
     with pytest.raises(ScoringError, match="between 0 and 1"):
         score(cohort, calibrated, str(tmp_path / "bad"), interval_level=90)
+
+
+def test_score_reuses_a_rules_table_or_skips_the_rules(cohort, checkpoint, tmp_path, ray_cluster):
+    """--rules TABLE gives the rule columns that scoring measures itself; --no-rules leaves them out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from lvm_ray.cli import app
+    from lvm_ray.evaluate import evaluate
+    from lvm_ray.measure import measure_rules
+    from lvm_ray.rules import MEASURE_COLUMNS
+
+    table = str(tmp_path / "rules")
+    measure_rules(cohort, table)
+    score(cohort, checkpoint, str(tmp_path / "measured"), batch_size=32, num_actors=2)
+    measured = read_predictions(str(tmp_path / "measured"))
+    reused = score(cohort, checkpoint, str(tmp_path / "reused"), batch_size=32, num_actors=2, rules=table)
+    assert (reused.rules, reused.rules_table, reused.n_scored) == ("table", table, 240)
+    assert f"voltage rules: from {table} (strict comparison)" in format_summary(reused)
+    joined = read_predictions(str(tmp_path / "reused"))
+    assert list(joined.columns) == list(measured.columns)  # same columns, same order
+    joined, measured = (f.set_index("ecg_id").sort_index() for f in (joined, measured))
+    for column in MEASURE_COLUMNS:
+        if column == "rules_error" or column.startswith("lvh_"):
+            assert joined[column].equals(measured[column]), column
+        else:  # measured in other batches: float rounding only
+            np.testing.assert_allclose(joined[column], measured[column], rtol=1e-9, err_msg=column)
+    np.testing.assert_array_equal(joined.lv_mass_pred_g, measured.lv_mass_pred_g)
+
+    # A table that lacks ECGs of the data, or holds another dataset's, is refused in one line.
+    full = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "rules").glob("*.parquet")))
+    pq.write_table(full.slice(0, 230), tmp_path / "partial.parquet")
+    missing = sorted(set(full.column("ecg_id").to_pylist()) - set(full.slice(0, 230).column("ecg_id").to_pylist()))
+    with pytest.raises(ScoringError, match=r"lacks 10 of the 240 ECGs to score in .* \(e\.g\. ecg_id '[^']+'\)") as err:
+        score(cohort, checkpoint, str(tmp_path / "p1"), rules=str(tmp_path / "partial.parquet"))
+    assert str(err.value).split("ecg_id '")[1].split("'")[0] in missing
+    other = full.set_column(0, "ecg_id", pa.array([f"other-{i}" for i in range(len(full))]))
+    pq.write_table(other, tmp_path / "other.parquet")
+    result = CliRunner().invoke(
+        app,
+        ["score", "--data", cohort, "--checkpoint", checkpoint, "--out", str(tmp_path / "p2")]
+        + ["--rules", str(tmp_path / "other.parquet")],
+    )
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "lacks 240 of the 240 ECGs" in result.output and "another dataset's table" in result.output
+    assert not (tmp_path / "p2").exists()  # checked before anything is written
+
+    # --no-rules: no rule columns; everything else as measured; evaluate says the rules are unavailable.
+    skipped = score(cohort, checkpoint, str(tmp_path / "none"), num_actors=1, rules=False)
+    assert skipped.rules == "none" and "voltage rules: none" in format_summary(skipped)
+    bare = read_predictions(str(tmp_path / "none")).set_index("ecg_id").sort_index()
+    assert not set(MEASURE_COLUMNS) & set(bare.columns)
+    assert list(bare.columns) == [c for c in measured.columns if c not in MEASURE_COLUMNS]
+    np.testing.assert_array_equal(bare.lv_mass_pred_g, measured.lv_mass_pred_g)
+    metrics = evaluate(str(tmp_path / "none"), str(tmp_path / "eval"))
+    assert metrics["c_statistics"]["sokolow_lyon"]["note"] == "column lvh_sokolow_lyon not in the predictions"
+    assert metrics["c_statistics"]["lvm_ai_lvmi"]["auc"] is not None
+    # A folder holds rule columns for every row or for none.
+    with pytest.raises(ScoringError, match="without the voltage-rule columns; pass --no-rules"):
+        score(cohort, checkpoint, str(tmp_path / "none"), rules=table)
