@@ -463,7 +463,8 @@ def evaluate(
         _fail(_one_line(exc))
     typer.echo(f"evaluate -> {out}  (n = {metrics['n']})")
     if metrics["pearson_r"] is not None:  # None without CMR LV mass (--lvh-column)
-        typer.echo(f"  Pearson r {metrics['pearson_r']:.3f} {metrics['pearson_r_ci']}, MAE {metrics['mae_g']:.1f} g")
+        r_text = f"{metrics['pearson_r']:.3f} {_ci_text(metrics['pearson_r_ci'])}"
+        typer.echo(f"  Pearson r {r_text}, MAE {metrics['mae_g']:.1f} g")
     for name, c in metrics["c_statistics"].items():
         if c.get("auc") is not None:
             p = metrics["delong_p"].get(name)

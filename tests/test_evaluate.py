@@ -361,3 +361,21 @@ def test_uncalibrated_predictions_give_null_intervals_with_a_note(tmp_path, pred
     assert m["subgroups"]["sex"]["M"]["interval_coverage"] is None
     assert m["calibration"]["lvh_prob_calibrated"]["brier"] is None
     assert m["calibration"]["lvh_prob"]["brier"] is not None  # the raw head's output is still assessed
+
+
+def test_cli_prints_r_with_its_ci_and_each_c_statistic(tmp_path) -> None:
+    import re
+
+    from typer.testing import CliRunner
+
+    from lvm_ray.cli import app
+
+    (tmp_path / "preds" / "parts").mkdir(parents=True)
+    make_predictions(n=400, seed=5).to_parquet(tmp_path / "preds" / "parts" / "part-0.parquet")
+    command = ["evaluate", "--predictions", str(tmp_path / "preds"), "--out", str(tmp_path / "e")]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    low, high = metrics["pearson_r_ci"]
+    assert f"Pearson r {metrics['pearson_r']:.3f} ({low:.3f}-{high:.3f}), MAE" in result.output
+    assert re.search(r"c lvm_ai_lvmi\s+0\.\d{3} \(0\.\d{3}-[01]\.\d{3}\)", result.output)
