@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lvm_ray.rules import AMPLITUDE_COLUMNS, RULE_FLAG_COLUMNS, measure_batch
 
     reference = _rules_reference() if args.reference_ecgs > 0 else None
+    load_start = os.getloadavg()[0]
     n = n_ref = 0
     new_s = new_cpu = new_ref_s = new_ref_cpu = ref_s = ref_cpu = 0.0
     worst_median_diff = 0.0
@@ -86,6 +87,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_one_process_s": new_s,
         "ecgs_per_s_per_core": n / new_s,
         "ecgs_per_cpu_s": n / new_cpu,
+        # The machine's 1-minute load average around the one-process runs: wall-clock rates
+        # are only comparable between runs at similar load (CPU-time rates are steadier).
+        "load_average_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
     }
     if n_ref:
         report["reference"] = {

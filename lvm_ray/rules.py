@@ -4,10 +4,13 @@ Pure code (NumPy, SciPy, pandas): no Ray, no I/O, no logging of waveforms. The b
 stage and ``lvm-ray rules`` call :func:`measure_batch` once per batch.
 
 Measurement (per ECG, canonical int16/float microvolts [12, 5000] at 500 Hz). Every step runs on
-a chunk of ECGs at once (``chunk_size``): beats of all the chunk's ECGs are gathered into one
-array padded to the longest beat train, and filters are matrix products; only the detector's
-last, sequential step loops in Python. The values, reasons and flags are those of the per-ECG
-implementation it replaced (``jobs/rules_reference.py``; tests/test_rules.py checks them).
+a chunk of ECGs at once (``chunk_size``): filters are matrix products (the per-sample steps ECG
+by ECG, in the CPU cache), beats of all the chunk's ECGs are gathered into one beat-major array
+padded to the longest beat train, and medians over beats are sorting networks of elementwise
+minima and maxima over whole beats; only the detector's last, sequential step loops in Python
+(and only for beat trains with peaks closer than 300 ms). The values, reasons and flags are those
+of the per-ECG implementation it replaced (``jobs/rules_reference.py``; tests/test_rules.py
+checks them).
 
 1. Baseline wander removed from every lead by a zero-phase 0.5 Hz high-pass (the sub-hertz
    baseline is estimated on 20 ms block means, which makes it cheap).
@@ -340,21 +343,39 @@ def _remove_baseline(x: np.ndarray, cutoff_hz: float, fs: float) -> np.ndarray:
     are a matrix product and the interpolation is done block-wise (no gathers): both run at
     memory speed.
     """
+    return _subtract_baseline(x, _baseline(x, cutoff_hz, fs), fs)
+
+
+def _baseline(x: np.ndarray, cutoff_hz: float, fs: float) -> np.ndarray:
+    """The baseline of :func:`_remove_baseline` at the 20 ms block centres, [..., blocks]."""
     block = max(_samples(0.02, fs), 1)
-    n = x.shape[-1]
-    n_blocks = n // block
-    blocks = x[..., : n_blocks * block].reshape(*x.shape[:-1], n_blocks, block)
-    means = blocks @ np.full(block, 1.0 / block, dtype=x.dtype)
-    low = means @ _lowpass_matrix(cutoff_hz, fs / block, n_blocks).astype(x.dtype, copy=False)
+    n_blocks = x.shape[-1] // block
+    means = x[..., : n_blocks * block].reshape(*x.shape[:-1], n_blocks, block) @ np.full(block, 1.0 / block, x.dtype)
+    # One 2-D product (a stacked one runs a small BLAS call per ECG).
+    matrix = _lowpass_matrix(cutoff_hz, fs / block, n_blocks).astype(x.dtype, copy=False)
+    return (means.reshape(-1, n_blocks) @ matrix).reshape(means.shape)
+
+
+@lru_cache(maxsize=16)
+def _interpolation_weights(block: int) -> np.ndarray:
+    d = (np.arange(block) + 0.5) / block - 0.5
+    return np.stack([np.maximum(-d, 0), 1 - np.abs(d), np.maximum(d, 0)]).astype(np.float32)
+
+
+def _subtract_baseline(x: np.ndarray, low: np.ndarray, fs: float) -> np.ndarray:
+    """x minus the baseline ``low`` of :func:`_baseline` interpolated to every sample, in place."""
+    block = max(_samples(0.02, fs), 1)
+    n_blocks = low.shape[-1]
+    blocks = x[..., : n_blocks * block].reshape(*x.shape[:-1], n_blocks, block)  # a view: one axis split
     # Sample o of block b lies d_o = (o + 0.5) / block - 0.5 blocks from the block's centre: the
     # baseline there is the linear interpolation towards the neighbouring centre (flat beyond the
     # first and last centres), i.e. [low[b-1], low[b], low[b+1]] @ weights[:, o] (a matmul).
-    d = (np.arange(block) + 0.5) / block - 0.5
-    weights = np.stack([np.maximum(-d, 0), 1 - np.abs(d), np.maximum(d, 0)]).astype(x.dtype)  # [3, block]
-    neighbours = np.stack(
-        [np.concatenate([low[..., :1], low[..., :-1]], -1), low, np.concatenate([low[..., 1:], low[..., -1:]], -1)], -1
-    )  # [..., n_blocks, 3]
-    x[..., : n_blocks * block] -= (neighbours @ weights).reshape(*x.shape[:-1], -1)
+    weights = _interpolation_weights(block).astype(x.dtype, copy=False)  # [3, block]
+    neighbours = np.empty((*low.shape, 3), dtype=x.dtype)  # [..., n_blocks, 3]
+    neighbours[..., 1] = low
+    neighbours[..., 1:, 0], neighbours[..., 0, 0] = low[..., :-1], low[..., 0]
+    neighbours[..., :-1, 2], neighbours[..., -1, 2] = low[..., 1:], low[..., -1]
+    blocks -= neighbours @ weights
     x[..., n_blocks * block :] -= low[..., -1:]
     return x
 
@@ -393,10 +414,12 @@ def _band(y: np.ndarray, h_fast: int, h_slow: int) -> np.ndarray:
     padded[..., :h_slow] = y[..., :1]
     padded[..., h_slow : h_slow + n] = y
     padded[..., h_slow + n :] = y[..., -1:]
-    blocks = padded.reshape(*y.shape[:-1], -1, T)
-    out = blocks[..., :n_out, :] @ A[0]
+    # One 2-D product per matrix over all blocks of all rows (each row's last blocks are spare).
+    blocks = padded.reshape(-1, T)
+    shape = (-1, n_out + A.shape[0] - 1, T)
+    out = (blocks @ A[0]).reshape(shape)[:, :n_out]
     for b in range(1, A.shape[0]):
-        out += blocks[..., b : b + n_out, :] @ A[b]
+        out += (blocks @ A[b]).reshape(shape)[:, b : b + n_out]
     return out.reshape(*y.shape[:-1], -1)[..., :n]
 
 
@@ -422,38 +445,59 @@ class MedianBeats:
     error: list[str | None]
 
 
-def _sorted_middle(sorted_values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Median over the last axis of rows sorted along it whose first ``counts`` entries are valid.
+@lru_cache(maxsize=256)
+def _median_network(n: int, ranks: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Compare-exchange pairs (i < j) that put the values of sorted positions ``ranks`` of n inputs in place.
 
-    ``counts`` [m] gives the valid count of every row of sorted_values[i] (one per ECG). The same
-    value as np.median over the valid entries: the middle one, or the mean of the middle two.
-    ECGs are handled in groups of equal count (few per chunk) with plain indexing.
+    Batcher's odd-even merge sort over the next power of two, without the comparators that touch
+    a padding input (it holds +inf and never moves), pruned to the ones ``ranks`` depend on.
     """
-    out = np.empty(sorted_values.shape[:-1], dtype=sorted_values.dtype)
-    half = sorted_values.dtype.type(0.5)
-    for count in np.unique(counts).tolist():
-        rows = np.flatnonzero(counts == count)
-        lo, hi = (max(count, 1) - 1) // 2, max(count, 1) // 2
-        out[rows] = (sorted_values[rows, ..., lo] + sorted_values[rows, ..., hi]) * half
+    size = 1 << max(n - 1, 0).bit_length()
+    pairs: list[tuple[int, int]] = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    a, b = i + j, i + j + k
+                    if a // (2 * p) == b // (2 * p) and b < n:
+                        pairs.append((a, b))
+            k //= 2
+        p *= 2
+    live, kept = set(ranks), []
+    for a, b in reversed(pairs):
+        if a in live or b in live:
+            kept.append((a, b))
+            live.update((a, b))
+    return tuple(reversed(kept))
+
+
+def _median_over_beats(slots: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Median over the beats of slots [B + 1, m, ...]: B beats (invalid ones +inf) and one scratch slot.
+
+    ``counts`` [m] is the number of valid beats of each ECG; the median is np.median's value (the
+    middle one, or the mean of the middle two). The beats are the wires of a sorting network
+    that only sorts the middle ranks: each compare-exchange is one np.minimum and one np.maximum
+    over whole beats, which NumPy runs at SIMD speed (several times faster than sorting each
+    sample's beats). Afterwards the slots hold, at every sample, the same values as before in
+    another order, and +inf in one slot. Returns the median [m, ...].
+    """
+    B = slots.shape[0] - 1
+    count = np.maximum(counts, 1)
+    lo, hi = (count - 1) // 2, count // 2
+    wire, spare = list(range(B)), B  # wire -> slot holding it
+    for a, b in _median_network(B, tuple(sorted(set(lo.tolist()) | set(hi.tolist())))):
+        np.minimum(slots[wire[a]], slots[wire[b]], out=slots[spare])
+        np.maximum(slots[wire[a]], slots[wire[b]], out=slots[wire[b]])
+        wire[a], spare = spare, wire[a]
+    out = np.empty(slots.shape[1:], dtype=slots.dtype)
+    half = slots.dtype.type(0.5)
+    for low, high in {(int(a), int(b)) for a, b in zip(lo, hi, strict=True)}:
+        rows = np.flatnonzero((lo == low) & (hi == high))
+        out[rows] = (slots[wire[low], rows] + slots[wire[high], rows]) * half
+    slots[spare] = np.inf
     return out
-
-
-def _median_over_beats(beats: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Median over the beats (axis 1) of beats [m, B, 12, L] whose invalid beats are +inf.
-
-    ``counts`` [m] is the number of valid beats of each ECG. Beats are moved to the last axis
-    (one copy, padded with +inf to 16 or a multiple of 32) and sorted there; +inf sorts last.
-    NumPy's SIMD sort of contiguous rows of 16 or 32 is several times faster than its partition
-    (np.median), a sort along a strided axis, or rows of other lengths. Returns the median
-    [m, 12, L] and the sorted beats [m, 12, L, B'].
-    """
-    m, B = beats.shape[:2]
-    width = 16 if B <= 16 else -(-B // 32) * 32
-    moved = np.empty((m, *beats.shape[2:], width), dtype=beats.dtype)
-    moved[..., :B] = np.moveaxis(beats, 1, -1)
-    moved[..., B:] = np.inf
-    moved.sort(axis=-1)
-    return _sorted_middle(moved, counts), moved
 
 
 def _median_last(values: np.ndarray) -> np.ndarray:
@@ -479,6 +523,86 @@ def _median_last(values: np.ndarray) -> np.ndarray:
     return (s[..., (n - 1) // 2] + s[..., n // 2]) * s.dtype.type(0.5)
 
 
+def _median_smallest(values: np.ndarray, n: int) -> np.ndarray:
+    """np.median over the n smallest values of each row (last axis), e.g. the finite ones where the rest are +inf.
+
+    ``values`` is partitioned in place (pass a scratch array): one partition at the upper middle
+    (SIMD quickselect); the lower middle is the largest value left of it.
+    """
+    k = n // 2
+    values.partition(k, axis=-1)
+    upper = values[..., k]
+    lower = values[..., :k].max(axis=-1) if n % 2 == 0 else upper
+    return (lower + upper) * values.dtype.type(0.5)
+
+
+def _lead_noise(median_residual: np.ndarray, count: int) -> np.ndarray:
+    """A lead's median-beat noise (uV) from the median |beat - median beat| over ``count`` beats:
+    robust SD (1.4826 x median) of the mean of ``count`` beats (x 1.2533 / sqrt(count), the
+    median's efficiency)."""
+    return 1.4826 * median_residual * 1.2533 / np.sqrt(count)
+
+
+@lru_cache(maxsize=256)
+def _noise_threshold(count: int, limit: float) -> np.float32:
+    """The smallest float32 median residual whose :func:`_lead_noise` exceeds ``limit`` (finite)."""
+    value = np.float32(limit * np.sqrt(count) / (1.4826 * 1.2533))
+    noisy = lambda v: bool(_lead_noise(np.array([v], dtype=np.float32), count)[0] > limit)  # noqa: E731
+    while noisy(value):
+        value = np.nextafter(value, np.float32(-np.inf))
+    while not noisy(value):
+        value = np.nextafter(value, np.float32(np.inf))
+    return value
+
+
+def _median_exceeds(values: np.ndarray, n: int, threshold: np.float32, count: int, limit: float) -> np.ndarray:
+    """Whether :func:`_lead_noise` of the median of the n smallest values of each row exceeds ``limit``.
+
+    The same answer as computing the median (:func:`_median_smallest`), from how many values lie
+    below ``threshold`` (:func:`_noise_threshold`), a single pass: the median reaches the
+    threshold unless at least half of them do. Only where exactly half do is the median (of the
+    largest value below and the smallest above) computed.
+    """
+    k = n // 2
+    below = np.count_nonzero(values < threshold, axis=-1)
+    if n % 2:
+        return below <= k
+    out = below < k
+    tie = below == k
+    if tie.any():
+        rows = values[tie]
+        lower = np.where(rows < threshold, rows, -np.inf).max(axis=-1)
+        upper = np.where(rows < threshold, np.inf, rows).min(axis=-1)
+        out[tie] = _lead_noise((lower + upper) * values.dtype.type(0.5), count) > limit
+    return out
+
+
+def _noisy_leads(
+    slots: np.ndarray, median: np.ndarray, n_good: np.ndarray, counts: list[int], limit: float
+) -> np.ndarray:
+    """Whether each lead's :func:`_lead_noise` exceeds ``limit`` [m, 12], without its value.
+
+    ``slots`` [B + 1, m, 12, t] are the beats (+inf where not used), ``median`` [m, 12, t] the
+    median beats, ``counts`` the numbers of good beats to decide for. The answer of
+    :func:`_median_exceeds` for each ECG, from one pass over all of them.
+    """
+    m = median.shape[0]
+    thresholds = np.zeros(m, dtype=np.float32)
+    for count in counts:
+        thresholds[n_good == count] = _noise_threshold(count, limit)
+    with np.errstate(invalid="ignore"):
+        resid = np.abs(slots - median, out=np.empty(slots.shape, dtype=slots.dtype))
+        below = np.count_nonzero(resid < thresholds[None, :, None, None], axis=(0, 3))  # [m, 12]
+    n = n_good[:, None] * median.shape[-1]
+    k = n // 2
+    noisy = np.where(n % 2 == 1, below <= k, below < k)
+    decided = np.isin(n_good, counts)[:, None]
+    for i, lead in zip(*np.nonzero((below == k) & (n % 2 == 0) & decided), strict=True):
+        values = resid[:, i, lead].reshape(1, -1)
+        noisy[i, lead] = _median_exceeds(values, int(n[i, 0]), thresholds[i], int(n_good[i]), limit)[0]
+    return noisy & decided
+
+
 def _detection_signal(y: np.ndarray, cfg: MeasurementConfig, fs: float) -> np.ndarray:
     """[n, 12, N] baseline-free leads -> [n, N] noise-weighted root-sum-square of the QRS band.
 
@@ -490,7 +614,11 @@ def _detection_signal(y: np.ndarray, cfg: MeasurementConfig, fs: float) -> np.nd
     h_fast = max(_samples(cfg.detect_smooth_s, fs) // 2, 1)
     h_slow = max(_samples(cfg.detect_background_s, fs) // 2, h_fast + 1)
     band = _band(y, h_fast, h_slow)
-    noise = 1.4826 * _median_last(np.abs(np.diff(y[..., ::2], n=2, axis=-1)))
+    # Second difference of every second sample, in place in two scratch arrays (np.diff's values).
+    y2 = y[..., ::2]
+    d1 = np.subtract(y2[..., 1:], y2[..., :-1])
+    d2 = np.subtract(d1[..., 1:], d1[..., :-1], out=d1[..., : d1.shape[-1] - 1])
+    noise = 1.4826 * _median_smallest(np.abs(d2, out=d2), d2.shape[-1])
     weight = 1.0 / np.maximum(noise, cfg.detect_noise_floor_uv)
     weight = (weight / weight.sum(axis=1, keepdims=True)).astype(np.float32)
     band *= band
@@ -564,22 +692,28 @@ def _find_fiducials(combined: np.ndarray, fs: float) -> list[np.ndarray]:
     best = locmax[order[first]]
     best_row, best_col = best // stride, best % stride
     min_delay = int(np.rint(fs * _NK_MIN_DELAY_S))
-    accepted = np.zeros(best.size, dtype=bool)
-    last_row, last = -1, 0
-    for k, (r, col) in enumerate(zip(best_row.tolist(), best_col.tolist(), strict=True)):
-        if r != last_row:
-            last_row, last = r, 0
-        if col - last > min_delay:
-            accepted[k] = True
-            last = col
+    # In a row whose peaks are all more than min_delay apart every peak is kept but a first one
+    # within min_delay of the start; only other rows need the sequential rule.
+    first = np.ones(best.size, dtype=bool)
+    first[1:] = best_row[1:] != best_row[:-1]
+    close = ~first & (np.diff(best_col, prepend=0) <= min_delay)
+    accepted = ~first | (best_col > min_delay)
+    for r in np.unique(best_row[close]).tolist():
+        k0, k1 = np.searchsorted(best_row, [r, r + 1])
+        last = 0
+        for k, col in enumerate(best_col[k0:k1].tolist(), start=k0):
+            accepted[k] = col - last > min_delay
+            if accepted[k]:
+                last = col
     best_row, best_col = best_row[accepted], best_col[accepted]
-    # Refine: the maximum of the combined signal within +-40 ms.
+    # Refine: the maximum of the combined signal within +-40 ms. Kept peaks are more than
+    # min_delay (300 ms) apart, so the refined ones stay sorted and distinct (nk's np.unique).
     half = _samples(0.04, fs)
     lo = np.clip(best_col - half, 0, N - 1)
     idx = np.clip(lo[:, None] + np.arange(2 * half + 1), 0, N - 1)
     refined = idx[np.arange(idx.shape[0]), np.argmax(combined[best_row[:, None], idx], axis=1)]
-    bounds = np.searchsorted(best_row, np.arange(n + 1))
-    return [np.unique(refined[bounds[i] : bounds[i + 1]]) for i in range(n)]
+    bounds = np.searchsorted(best_row, np.arange(n + 1)).tolist()
+    return [refined[bounds[i] : bounds[i + 1]] for i in range(n)]
 
 
 def _find_fiducials_safe(combined: np.ndarray, fs: float) -> list[np.ndarray | str]:
@@ -677,16 +811,22 @@ class _Chunk:
     median: np.ndarray  # [c, 12, L] float32, NaN where not measured
     hr: np.ndarray
     n_beats: np.ndarray
-    noise: np.ndarray
+    noise: np.ndarray  # NaN where not measured, or not asked for
+    noisy: np.ndarray  # [c, 12] bool: noise > max_lead_noise_uv
     error: list[str | None]
 
 
-def _median_beats(y: np.ndarray, ptp: np.ndarray, combined: np.ndarray, cfg: MeasurementConfig, fs: float) -> _Chunk:
+def _median_beats(
+    y: np.ndarray, ptp: np.ndarray, combined: np.ndarray, cfg: MeasurementConfig, fs: float, lead_noise: bool = True
+) -> _Chunk:
     """Median beats [c, 12, L] of a chunk (y: [c, 12, N] high-passed, float32), all ECGs at once.
 
-    Beats of every ECG are gathered into one [ECGs, beats, 12, window] array padded to the
+    Without ``lead_noise`` only whether each lead is too noisy is decided (exactly, without the
+    median of the residuals); the noise values stay NaN.
+
+    Beats of every ECG are gathered into one [beats, ECGs, 12, window] array padded to the
     longest beat train (a mask marks real beats), so alignment, screening and the medians over
-    beats are single array operations over the chunk.
+    beats (:func:`_median_over_beats`) are single array operations over the chunk.
     """
     c, _, N = y.shape
     pre, post = _samples(cfg.window_pre_s, fs), _samples(cfg.window_post_s, fs)
@@ -697,6 +837,7 @@ def _median_beats(y: np.ndarray, ptp: np.ndarray, combined: np.ndarray, cfg: Mea
         hr=np.full(c, np.nan),
         n_beats=np.zeros(c, dtype=int),
         noise=np.full((c, N_LEADS), np.nan),
+        noisy=np.zeros((c, N_LEADS), dtype=bool),
         error=[None] * c,
     )
     flat = ptp.max(axis=1) < cfg.flat_peak_to_peak_uv
@@ -733,58 +874,82 @@ def _median_beats(y: np.ndarray, ptp: np.ndarray, combined: np.ndarray, cfg: Mea
     valid = np.arange(B) < n_kept[:, None]  # [m, B]
     fid = np.repeat(np.array([k[0] for k in keeps])[:, None], B, axis=1)  # padding repeats a real beat
     fid[valid] = np.concatenate(keeps)
-    row_index = np.array(rows)[:, None]
+    row_index = np.array(rows)
     q0, q1 = pre + _samples(cfg.qrs_region_s[0], fs), pre + _samples(cfg.qrs_region_s[1], fs)
     Q, S = q1 - q0, 2 * shift + 1
     # QRS windows with +-shift margin: win[e] is y at fiducial - pre - shift + q0 + e.
-    win = sliding_window_view(y, Q + 2 * shift, axis=-1)[row_index, :, fid - pre - shift + q0]  # [m, B, 12, Q+2s]
+    # [m, B, 12, Q+2s]
+    win = sliding_window_view(y, Q + 2 * shift, axis=-1)[row_index[:, None], :, fid - pre - shift + q0]
     win[~valid] = np.inf  # padding beats: out of the template (their scores are NaN, never used)
-    template, _ = _median_over_beats(win[..., shift : shift + Q], n_kept)  # [m, 12, Q]
+    # Beats are gathered beat-major ([beat, ECG, lead, sample], one spare slot) for the median network.
+    slots = np.empty((B + 1, m, N_LEADS, Q), dtype=np.float32)
+    slots[:B] = win[..., shift : shift + Q].transpose(1, 0, 2, 3)
+    template = _median_over_beats(slots, n_kept)  # [m, 12, Q]
     # Cross-correlation with the template over the QRS for each shift, as one batched matrix
-    # product: toeplitz[l, e, s] = template[l, e - s].
-    e = np.arange(Q + 2 * shift)[:, None] - np.arange(S)[None, :]
-    inside = (e >= 0) & (e < Q)
-    toeplitz = np.where(inside, template[:, :, np.clip(e, 0, Q - 1)], np.float32(0))  # [m, 12, Q+2s, S]
+    # product: toeplitz[l, e, s] = template[l, e - s] (0 outside), a view of the zero-padded template.
+    padded = np.zeros((m, N_LEADS, Q + 4 * shift), dtype=np.float32)
+    padded[..., 2 * shift : 2 * shift + Q] = template
+    toeplitz = sliding_window_view(padded, S, axis=-1)[..., ::-1]  # [m, 12, Q+2s, S]
     with np.errstate(invalid="ignore", over="ignore"):
         score = win.reshape(m, B, -1) @ toeplitz.reshape(m, -1, S)  # [m, B, S]
-    best = np.argmax(score, axis=-1)
-    aligned = sliding_window_view(y, L, axis=-1)[row_index, :, fid - pre - shift + best]  # [m, B, 12, L] (a copy)
+    start = fid - pre - shift + np.argmax(score, axis=-1)
+    # Aligned beats [B + 1, m, 12, L] (the last slot, a repeat of the first beat, is scratch).
+    start = np.concatenate([start, start[:, :1]], axis=1).T
+    slots = sliding_window_view(y, L, axis=-1)[row_index[None, :], :, start]
+    beats = slots[:B]
     # Beat consistency: median over leads of the QRS correlation with the template.
-    a = aligned[..., q0:q1] - aligned[..., q0:q1].mean(axis=-1, keepdims=True)
-    b = (template - template.mean(axis=-1, keepdims=True))[:, None]
-    den = np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+    qrs = beats[..., q0:q1]
+    a = qrs - qrs.mean(axis=-1, keepdims=True)
+    b = template - template.mean(axis=-1, keepdims=True)
+    den = np.sqrt(np.einsum("bmlq,bmlq->bml", a, a) * np.einsum("mlq,mlq->ml", b, b))
     with np.errstate(invalid="ignore", divide="ignore"):
-        corr = np.where(den > 0, (a * b).sum(-1) / den, 0.0)  # [m, B, 12]
-    good = (_median_last(corr) >= cfg.min_beat_correlation) & valid
-    n_good = good.sum(axis=1)
+        corr = np.where(den > 0, np.einsum("bmlq,mlq->bml", a, b) / den, 0.0)  # [B, m, 12]
+    good = (_median_last(corr) >= cfg.min_beat_correlation) & valid.T  # [B, m]
+    n_good = good.sum(axis=0)
     # Remove each beat's own offset (residual wander, electrode jumps) before the median.
     w0, w1 = pre + _samples(cfg.beat_baseline_s[0], fs), pre + _samples(cfg.beat_baseline_s[1], fs)
-    aligned -= _median_last(aligned[..., w0:w1])[..., None]
-    aligned[~good] = np.inf
-    median, ranked = _median_over_beats(aligned, n_good)  # [m, 12, L], and the beats sorted per sample
+    beats -= _median_last(beats[..., w0:w1])[..., None]
+    beats[~good] = np.inf
+    median = _median_over_beats(slots, n_good)  # [m, 12, L]
     # Noise of each lead's median beat: robust SD of the good beats around it (every second
-    # sample), over sqrt(beats). Which beat a value came from does not matter, so the sorted beats
-    # serve, taken in groups of ECGs with the same number of good beats.
+    # sample), over sqrt(beats). Which beat a value came from does not matter, so all slots serve
+    # (+inf where a beat is not used: those residuals sort last), in groups of ECGs with the same
+    # number of good beats.
+    half_l = (L + 1) // 2
     noise = np.full((m, N_LEADS), np.nan)
-    for count in np.unique(n_good[n_good >= max(cfg.min_beats, 1)]).tolist():
-        sel = np.flatnonzero(n_good == count)
-        resid = np.abs(ranked[sel, :, ::2, :count] - median[sel, :, ::2, None]).reshape(sel.size, N_LEADS, -1)
-        noise[sel] = 1.4826 * _median_last(resid) * 1.2533 / np.sqrt(count)
+    limit = cfg.max_lead_noise_uv
+    counts = np.unique(n_good[n_good >= max(cfg.min_beats, 1)]).tolist()
+    if lead_noise or not np.isfinite(limit):
+        resid = np.empty((m, N_LEADS, B + 1, half_l), dtype=np.float32)
+        with np.errstate(invalid="ignore"):
+            np.subtract(slots[..., ::2].transpose(1, 2, 0, 3), median[:, :, None, ::2], out=resid)
+        resid = np.abs(resid, out=resid).reshape(m, N_LEADS, -1)
+        for count in counts:
+            sel = np.flatnonzero(n_good == count)
+            noise[sel] = _lead_noise(_median_smallest(resid[sel], count * half_l), count)
+        with np.errstate(invalid="ignore"):
+            noisy = noise > limit
+    else:
+        noisy = _noisy_leads(slots[..., ::2], median[..., ::2], n_good, counts, limit)
     for k, i in enumerate(rows):
+        out.n_beats[i] = n_good[k]
         if n_good[k] < cfg.min_beats:
-            out.n_beats[i] = n_good[k]
             out.error[i] = f"too noisy: only {n_good[k]} of {n_kept[k]} beats match the median beat"
         else:
-            out.n_beats[i] = n_good[k]
             out.median[i] = median[k]
             out.noise[i] = noise[k]
+            out.noisy[i] = noisy[k]
     return out
 
 
 def measure_median_beats(
-    ecg: np.ndarray, config: RulesConfig = RulesConfig(), fs: float = SAMPLE_RATE_HZ
+    ecg: np.ndarray, config: RulesConfig = RulesConfig(), fs: float = SAMPLE_RATE_HZ, *, lead_noise: bool = True
 ) -> MedianBeats:
-    """Median beats, QRS fiducials, heart rate and per-lead R/S of a batch [n, 12, N] (uV)."""
+    """Median beats, QRS fiducials, heart rate and per-lead R/S of a batch [n, 12, N] (uV).
+
+    Without ``lead_noise`` the leads' noise levels are not reported (NaN; which leads are too
+    noisy is decided all the same): :func:`measure_batch` does not need them.
+    """
     cfg = config.measurement
     x = np.asarray(ecg)
     if x.ndim != 3 or x.shape[1] != N_LEADS:
@@ -796,6 +961,7 @@ def measure_median_beats(
     hr = np.full(n, np.nan)
     n_beats = np.zeros(n, dtype=int)
     noise = np.full((n, N_LEADS), np.nan)
+    noisy = np.zeros((n, N_LEADS), dtype=bool)
     errors: list[str | None] = [None] * n
     if np.issubdtype(x.dtype, np.integer):
         finite = np.ones(n, dtype=bool)
@@ -815,16 +981,20 @@ def measure_median_beats(
         # Peak-to-peak of int16 samples on the samples themselves: exact, and half the traffic.
         ranged = source if np.issubdtype(source.dtype, np.integer) else xc
         ptp[idx] = ranged.max(axis=-1).astype(np.float32) - ranged.min(axis=-1).astype(np.float32)
-        y = _remove_baseline(xc, cfg.highpass_hz, fs)
-        beats = _median_beats(y, ptp[idx], _detection_signal(y, cfg, fs), cfg, fs)
+        # The low-pass over the chunk (one matrix product), the per-sample steps ECG by ECG: their
+        # arrays then stay in the CPU cache (about 1.1x faster than over the chunk at once).
+        low = _baseline(xc, cfg.highpass_hz, fs)
+        combined = np.empty((idx.size, x.shape[-1]), dtype=np.float32)
+        for k in range(idx.size):
+            _subtract_baseline(xc[k : k + 1], low[k : k + 1], fs)
+            combined[k] = _detection_signal(xc[k : k + 1], cfg, fs)[0]
+        beats = _median_beats(xc, ptp[idx], combined, cfg, fs, lead_noise)
         median[idx] = beats.median
-        hr[idx], n_beats[idx], noise[idx] = beats.hr, beats.n_beats, beats.noise
+        hr[idx], n_beats[idx], noise[idx], noisy[idx] = beats.hr, beats.n_beats, beats.noise, beats.noisy
         for k, i in enumerate(idx):
             errors[i] = beats.error[k]
     # Leads that cannot be measured: flat (lead off) or too noisy on the median beat.
     flat = ptp < cfg.flat_peak_to_peak_uv
-    with np.errstate(invalid="ignore"):
-        noisy = noise > cfg.max_lead_noise_uv
     unusable = flat | noisy
     for i in np.flatnonzero(finite & unusable.any(axis=1)):
         if errors[i] is not None:
@@ -889,7 +1059,7 @@ def measure_batch(ecg: np.ndarray, sex: Sequence[str | None], config: RulesConfi
     sex_list = list(sex)
     if len(sex_list) != arr.shape[0]:
         raise ValueError(f"sex has {len(sex_list)} values for {arr.shape[0]} ECGs")
-    m = measure_median_beats(arr, config)
+    m = measure_median_beats(arr, config, lead_noise=False)
     sexes = np.array([normalise_sex(v) for v in sex_list], dtype=object)
     values, flags = _rule_arrays(m.r_uv, m.s_uv, m.qrs_ms, sexes, config)
     # Built as three blocks (floats, flags, reasons), in MEASURE_COLUMNS order: pandas builds a

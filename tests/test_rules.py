@@ -614,7 +614,13 @@ def test_qrs_detector_is_neurokits(synthetic_batch: tuple[pd.DataFrame, np.ndarr
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # np.nanpercentile of the empty row
 def test_building_blocks_match_reference(reference: ModuleType) -> None:
     """Baseline removal, detection signal, medians over beats and percentiles, against NumPy/SciPy."""
-    from lvm_ray.rules import _detection_signal, _masked_percentile, _median_over_beats, _remove_baseline
+    from lvm_ray.rules import (
+        _detection_signal,
+        _masked_percentile,
+        _median_over_beats,
+        _median_smallest,
+        _remove_baseline,
+    )
 
     rng = np.random.default_rng(8)
     ecg = np.stack([make_beat_train(R_KNOWN, S_KNOWN, wander_uv=500, noise_uv=20, seed=s) for s in range(3)])
@@ -626,13 +632,22 @@ def test_building_blocks_match_reference(reference: ModuleType) -> None:
         np.testing.assert_allclose(
             _detection_signal(y, cfg, FS), reference._detection_signal(y, cfg, FS), rtol=1e-4, atol=1e-3
         )
-    for B in (5, 16, 17, 40):
+    for B in (1, 2, 3, 5, 16, 17, 40):
         beats = rng.normal(size=(6, B, N_LEADS, 9)).astype(np.float32)
-        counts = np.array([1, 2, 3, B - 1, B, max(B // 2, 1)])
+        counts = np.clip([1, 2, 3, B - 1, B, B // 2], 1, B)
         beats[np.arange(B)[None] >= counts[:, None]] = np.inf
-        median, _ = _median_over_beats(beats, counts)
+        slots = np.empty((B + 1, 6, N_LEADS, 9), dtype=np.float32)
+        slots[:B] = beats.transpose(1, 0, 2, 3)
+        median = _median_over_beats(slots, counts)
         for i, count in enumerate(counts):
             np.testing.assert_array_equal(median[i], np.median(beats[i, :count], axis=0))
+        # The slots keep every value, in another order, plus one slot of +inf.
+        expected = np.concatenate([beats.transpose(1, 0, 2, 3), np.full_like(slots[:1], np.inf)])
+        np.testing.assert_array_equal(np.sort(slots, axis=0), np.sort(expected, axis=0))
+    values = rng.normal(size=(4, 12, 31)).astype(np.float32)
+    for n in (1, 30, 31):
+        padded = np.concatenate([values[..., :n], np.full((4, 12, 5), np.inf, np.float32)], axis=-1)
+        np.testing.assert_array_equal(_median_smallest(padded, n), np.median(values[..., :n], axis=-1))
     values = rng.normal(size=(50, 30))
     mask = rng.random((50, 30)) < 0.6
     mask[0] = False
@@ -692,3 +707,28 @@ def test_measurement_config_is_frozen_and_tunable() -> None:
     tuned = replace(config, measurement=replace(MeasurementConfig(), min_beats=20))
     out = measure_batch(make_beat_train(R_KNOWN, S_KNOWN)[None], ["M"], tuned)
     assert out["rules_error"].iloc[0].startswith("fewer than 20 beats")
+
+
+def test_noisy_leads_decided_without_the_median() -> None:
+    """measure_batch decides which leads are too noisy by counting, exactly as from the noise itself (ties too)."""
+    from lvm_ray.rules import _lead_noise, _noise_threshold, _noisy_leads
+
+    rng = np.random.default_rng(9)
+    B, t, limit = 6, 10, 60.0
+    n_good = np.array([3, 4, 5, 6, 3, 4, 5, 6, 2])  # the last ECG is not decided (too few beats)
+    counts = [3, 4, 5, 6]
+    slots = np.full((B + 1, len(n_good), N_LEADS, t), np.inf, dtype=np.float32)
+    for i, count in enumerate(n_good.tolist()):
+        threshold = _noise_threshold(count, limit)
+        below = np.nextafter(threshold, np.float32(0))
+        assert _lead_noise(np.float32(threshold), count) > limit >= _lead_noise(below, count)
+        values = rng.choice([below * 0.5, below, threshold, threshold * 2], size=(count, N_LEADS, t))
+        values[:, 0] = np.where(np.arange(count * t).reshape(count, t) % 2 == 0, below, threshold)  # exactly half
+        values[:, 1] = below  # all below: quiet
+        slots[:count, i] = values * rng.choice([-1, 1], size=values.shape)
+    noisy = _noisy_leads(slots, np.zeros(slots.shape[1:], np.float32), n_good, counts, limit)
+    for i, count in enumerate(n_good.tolist()):
+        exact = np.median(np.abs(slots[:count, i]).transpose(1, 0, 2).reshape(N_LEADS, -1), axis=-1)
+        expected = (_lead_noise(exact, count) > limit) & (count in counts)
+        np.testing.assert_array_equal(noisy[i], expected, err_msg=f"ECG {i}")
+    assert not noisy[:, 1].any() and noisy[:-1].any()
