@@ -8,7 +8,8 @@ Run through jobs/benchmark.py (`python jobs/benchmark.py score --help`):
 
 The baseline is measured first, in a subprocess (one torch thread, one BLAS thread through
 threadpoolctl, the same batch size, on the first ECGs of --data), so the driver of the Ray phase
-stays light and its memory sampling sees only the cluster. Each mode ("computed": score measures
+stays light and its memory sampling sees only the cluster. Each score run starts its own
+embedded Ray (its time and memory count, nothing left from an earlier run does). Each mode ("computed": score measures
 the voltage rules; "table": score joins a `lvm-ray rules` table, made first in the same run and
 timed apart, the biobank scenario) scores --small-data and then --data.
 parallel_efficiency = (Ray ECGs/s after startup) / (units x baseline ECGs/s), units = CPU cores,
@@ -227,6 +228,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for size, data in datasets.items():
                 if not data:
                     continue
+                if not args.address:  # each run on a fresh embedded Ray, as `lvm-ray score` gets it:
+                    import ray  # no idle workers or actors of an earlier stage in its memory or its time
+
+                    ray.shutdown()
                 load = _load()
                 with _ClusterMemory(tree_only=not args.address) as memory:
                     result = score(
