@@ -58,7 +58,7 @@ def measure_rules(
     started = time.time()
     store.read_manifest(data)
     store.check_output(out, "rules", inputs=[data])
-    ensure_connected(address, verbose=verbose)
+    ensure_connected(address, verbose=verbose, dashboard=False)
     columns = ["ecg_id", "sex", "ecg", *(f.name for f in CART_FIELDS)]
     dataset = read_ecg_dataset(data, columns=columns)
     tmp = store.temporary_sibling(out)

@@ -83,6 +83,7 @@ def ensure_connected(
     verbose: bool = False,
     num_cpus: int | None = None,
     timeout_s: float = CONNECT_TIMEOUT_S,
+    dashboard: bool = True,
 ) -> None:
     """Join a cluster (``auto``, ``host:port``, ``ray://host:10001``) or start an embedded local Ray.
 
@@ -90,6 +91,8 @@ def ensure_connected(
     least 4 logical CPUs: on a 2-core laptop Ray Data read tasks and Train workers otherwise wait
     on each other forever (docs/method.md, "Ray on small machines"). Ray's own INFO chatter and
     worker output stay in its log files (/tmp/ray/session_latest/logs) unless ``verbose``.
+    ``dashboard=False`` starts an embedded Ray without the dashboard (about 350 MB less): for
+    stages that never use the State API (scoring, rules); Train needs it.
     """
     if ray.is_initialized():
         return
@@ -128,7 +131,7 @@ def ensure_connected(
         address="local",
         num_cpus=cpus,
         object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
-        include_dashboard=True,
+        include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         **quiet,
     )

@@ -423,7 +423,7 @@ def score(
         lookup, comparison = load_rules_table(rules, data, [i for i in todo if i not in done_ids])
         rules_info.update(rules=RULES_TABLE, rules_table=rules, rules_comparison=comparison)
     _check_same_rules(out, rules_info, bool(done_ids))
-    ensure_connected(address, verbose=verbose)
+    ensure_connected(address, verbose=verbose, dashboard=False)  # no State API here: 350 MB less
     import ray
 
     # The marker first: an interrupted run's folder is recognised as predictions, and resumed.
