@@ -61,7 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Serve's HTTP front end (lvm_ray.serve.PROXY_ENVIRONMENT), for the Ray this benchmark starts",
     )
     for name, kind in SERVE_SETTINGS:
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"Serve setting {name}")
+        # One replica per core by default: each is one process, so parsing and canonicalisation
+        # (GIL-bound Python) run on every core, as in the baseline's workers.
+        default = os.cpu_count() if name == "num_replicas" else None
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=kind, default=default, help=f"Serve setting {name} (default {default})"
+        )
 
 
 def _free_port() -> int:
@@ -145,11 +150,15 @@ def _start_baseline(checkpoint: str, port: int, workers: int, timeout_s: float =
 
     from lvm_ray.api import BASELINE_CHECKPOINT_ENV, BASELINE_TORCH_THREADS_ENV
 
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
     env = {
         **os.environ,
         BASELINE_CHECKPOINT_ENV: checkpoint,
         # Workers = cores: one torch thread each, or they fight over the cores.
-        BASELINE_TORCH_THREADS_ENV: str(max(1, (os.cpu_count() or 1) // workers)),
+        BASELINE_TORCH_THREADS_ENV: threads,
+        # And one BLAS/OpenMP thread, as Ray gives a 1-CPU replica (OMP_NUM_THREADS=1): the
+        # rules' matrix products otherwise run on spinning BLAS threads, 3-4x the CPU per request.
+        **{name: threads for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
     }
     command = [sys.executable, "-m", "uvicorn", "lvm_ray.api:baseline_app", "--factory"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]

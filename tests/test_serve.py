@@ -704,3 +704,28 @@ def test_cli_prints_its_url_only_when_ready_and_stops_on_ctrl_c(tmp_path):
     chatter = [line for line in lines if "pid=" in line or "(raylet)" in line or "INFO" in line or "Traceback" in line]
     assert not chatter, lines
     assert len(lines) <= 4, lines
+
+
+@pytest.mark.slow
+def test_the_serve_benchmark_reports_both_servers_and_bodies(tmp_path):
+    """`jobs/benchmark.py serve` end to end (its own Ray, Serve behind HAProxy, the uvicorn
+    baseline): today's keys for the .npy body at the top and the JSON body under "json"."""
+    checkpoint = tiny_checkpoint(str(tmp_path / "model.pt"))
+    out = tmp_path / "serve.json"
+    command = [sys.executable, "jobs/benchmark.py", "serve", "--checkpoint", checkpoint, "--out", str(out)]
+    command += ["--requests", "6", "--rounds", "2", "--concurrency", "1", "3", "--workers", "2", "--num-cpus", "0.5"]
+    env = {**os.environ, "RAY_ADDRESS": "", "LVM_RAY_ADDRESS": ""}  # never join the test session's cluster
+    proc = subprocess.run(
+        command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for part, body in ((report, "npy"), (report["json"], "json")):
+        assert part["body"] == body and part["same_answer"] is True
+        for side in ("ray_serve", "plain_fastapi"):
+            assert set(part[side]) == {"1", "3"}
+            assert {"p50_ms", "p99_ms", "rps"} <= set(part[side]["3"]) and part[side]["3"]["rps"] > 0
+        assert set(part["ratio_rps_serve_to_fastapi"]) == {"1", "3"}
+        assert len(part["rounds"]["ratio_rps_serve_to_fastapi"]["3"]) == 2
+    assert report["serve_settings"]["proxy"] == "haproxy" and report["serve_settings"]["num_cpus"] == 0.5
+    assert report["plain_fastapi_workers"] == 2
