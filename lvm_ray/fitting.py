@@ -1,4 +1,6 @@
-"""Pure training helpers (no Ray): model inputs, one epoch of training or validation, metrics.
+"""Pure training helpers (no Ray): batches from memory, one epoch of training or validation, metrics.
+
+The model inputs themselves are built by ``lvm_ray.inputs`` (no torch there: a read task needs none).
 
 Ray Train's worker loop (``lvm_ray.train``) and the single-process baselines in
 ``jobs/benchmark.py`` call the same functions, so the two can only differ in the plumbing.
@@ -7,7 +9,7 @@ Ray Train's worker loop (``lvm_ray.train``) and the single-process baselines in
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,41 +18,8 @@ import torch
 from torch import nn
 
 from lvm_ray.model import total_loss
-from lvm_ray.presets import (
-    SELECTION_METRICS,
-    AugmentSpec,
-    Preset,
-    lvh_labels,
-    model_to_target,
-    prepare_covariates,
-    prepare_input,
-    target_to_model,
-)
-from lvm_ray.schema import WAVEFORM_SHAPE
+from lvm_ray.presets import SELECTION_METRICS, AugmentSpec, Preset, model_to_target
 from lvm_ray.stats import auroc
-
-#: Columns the model inputs, labels and covariates may draw on (those present are read).
-LABEL_SOURCES = ("lv_mass_g", "bsa_m2", "sex", "height_cm", "weight_kg", "age", "bmi")
-
-
-def input_columns(preset: Preset, extra: Iterable[str | None] = ()) -> list[str]:
-    """The shard columns a preset's inputs, target and labels need (before checking presence)."""
-    wanted = ["ecg_id", "patient_id", "ecg", preset.target.column, *extra, *LABEL_SOURCES]
-    wanted += [c.name for c in preset.covariates]
-    return [c for c in dict.fromkeys(wanted) if c]
-
-
-def featurize(batch: Mapping[str, Any], preset: Preset) -> dict[str, np.ndarray]:
-    """A batch of shard rows (numpy columns) -> model inputs: x, cov (if any), y, lvh."""
-    n = len(batch["ecg"])
-    ecg = np.asarray(batch["ecg"]).reshape(n, *WAVEFORM_SHAPE)
-    x = np.zeros((0, *preset.input.shape), dtype=np.float32) if n == 0 else prepare_input(ecg, preset)
-    out: dict[str, np.ndarray] = {"x": x}
-    if preset.covariates:
-        out["cov"] = prepare_covariates(batch, n, preset)
-    out["y"] = target_to_model(np.asarray(batch[preset.target.column]), preset)
-    out["lvh"] = lvh_labels(batch, n) if preset.lvh_head else np.full(n, -1, dtype=np.int64)
-    return out
 
 
 def make_optimizer(preset: Preset, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -117,7 +86,34 @@ def augment(x: torch.Tensor, spec: AugmentSpec, sample_rate_hz: int) -> torch.Te
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)).to(device) for k, v in batch.items()}
+    return {
+        k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)).to(device, non_blocking=True)
+        for k, v in batch.items()
+    }
+
+
+def shuffled_order(n: int, take: int, seed: Sequence[int]) -> torch.Tensor:
+    """The first ``take`` of a random permutation of ``n`` rows, from ``seed`` (e.g. run seed, rank, epoch).
+
+    Its own generator, so an epoch's order is the same whether the run was resumed or not.
+    """
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
+    return torch.randperm(n, generator=generator)[:take]
+
+
+def memory_batches(
+    tensors: Mapping[str, torch.Tensor], batch_size: int, order: torch.Tensor | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Mini-batches of in-memory tensors: the rows ``order`` (default: all, in order) in slices of ``batch_size``."""
+    n = len(next(iter(tensors.values()))) if order is None else len(order)
+    if order is not None:
+        order = order.to(next(iter(tensors.values())).device)
+    for i in range(0, n, batch_size):
+        if order is None:  # views, no copy
+            yield {k: v[i : i + batch_size] for k, v in tensors.items()}
+        else:
+            rows = order[i : i + batch_size]
+            yield {k: v.index_select(0, rows) for k, v in tensors.items()}
 
 
 def autocast(device: torch.device) -> Any:
@@ -147,6 +143,8 @@ def train_epoch(
     """One pass over the training batches (dicts with x, y, lvh and maybe cov)."""
     model.train()
     stats = EpochStats()
+    # The loss is summed on the device: no host sync per step (a GPU keeps its queue full).
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     start = time.perf_counter()
     for i, raw in enumerate(batches):
         batch = to_device(raw, device)
@@ -158,10 +156,11 @@ def train_epoch(
         loss.backward()
         optimizer.step()
         n = int(batch["y"].shape[0])
-        stats.loss_sum += float(loss.detach()) * n
+        loss_sum += loss.detach().double() * n
         stats.n += n
         if on_batch is not None:
             on_batch(i)
+    stats.loss_sum = float(loss_sum)
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -191,19 +190,28 @@ def validate_epoch(
     """Loss and outputs over validation batches (no gradient, eval mode)."""
     model.eval()
     out = Predictions()
+    # Kept on the device until the end: one host transfer per epoch, not one per batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    main: list[torch.Tensor] = []
+    y: list[torch.Tensor] = []
+    lvh_prob: list[torch.Tensor] = []
+    lvh: list[torch.Tensor] = []
     for raw in batches:
         batch = to_device(raw, device)
         with autocast(device):
             output = model(batch["x"], batch.get("cov"))
             loss = total_loss(preset, output, batch["y"], batch.get("lvh"))
         n = int(batch["y"].shape[0])
-        out.loss_sum += float(loss) * n
+        loss_sum += loss.double() * n
         out.n += n
-        out.main.append(output.main.float().cpu().numpy())
-        out.y.append(batch["y"].float().cpu().numpy())
+        main.append(output.main.float())
+        y.append(batch["y"].float())
         if output.lvh_logits is not None:
-            out.lvh_prob.append(torch.softmax(output.lvh_logits.float(), dim=1)[:, 1].cpu().numpy())
-            out.lvh.append(batch["lvh"].cpu().numpy())
+            lvh_prob.append(torch.softmax(output.lvh_logits.float(), dim=1)[:, 1])
+            lvh.append(batch["lvh"])
+    out.loss_sum = float(loss_sum)
+    out.main, out.y = [t.cpu().numpy() for t in main], [t.cpu().numpy() for t in y]
+    out.lvh_prob, out.lvh = [t.cpu().numpy() for t in lvh_prob], [t.cpu().numpy() for t in lvh]
     return out
 
 

@@ -177,7 +177,10 @@ class TrainResult:
     resumed_from: list[int]
     worker_nodes: list[str]
     wall_s: float
+    #: ECGs per second of the training loop over all workers (the median epoch).
     train_samples_per_s: float | None = None
+    #: Seconds from the start of ``train`` to the first training batch (None when resumed).
+    startup_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,26 +17,28 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from lvm_ray import __version__, store
 from lvm_ray.fitting import (
     epoch_metrics,
-    featurize,
-    input_columns,
     make_optimizer,
     make_scheduler,
+    memory_batches,
     selection_score,
+    shuffled_order,
     step_scheduler,
     target_metrics,
     train_epoch,
     validate_epoch,
 )
+from lvm_ray.inputs import input_columns
 from lvm_ray.lvh import derive
 from lvm_ray.model import (
     MODEL_FILE,
@@ -73,8 +75,12 @@ from lvm_ray.runs import (
 )
 from lvm_ray.signals import normalise_sex
 from lvm_ray.splits import SPLIT_CODES, SPLITS, SplitError, SplitSpec, ids_in_split, split_names
+from lvm_ray.train_inputs import CACHED, CachedInputs, build_datasets, worker_tensors
 
 log = logging.getLogger(__name__)
+
+#: Validation batch of cached inputs (eval-mode batch norm: the batch does not change the outputs).
+VAL_BATCH = 256
 
 
 def _url(run: str, name: str) -> str:
@@ -147,15 +153,68 @@ def _node_id() -> str:
         return "unknown"
 
 
+def _stamp_first(batches: Iterable[Any], stamps: dict[str, float]) -> Iterator[Any]:
+    """Pass batches through, noting in ``stamps`` when the first one arrived (the end of start-up)."""
+    for i, batch in enumerate(batches):
+        if i == 0:
+            stamps["first_batch_time"] = time.time()
+        yield batch
+
+
+def _broadcast_buffers(model: torch.nn.Module) -> None:
+    """Every worker validates with rank 0's batch-norm statistics: those of the checkpoint."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _worker_inputs(
+    config: dict[str, Any], cfg: TrainConfig, rank: int, world: int, device: torch.device
+) -> tuple[Callable[[int], Iterable[Any]], Callable[[], Iterable[Any]]]:
+    """(an epoch's training batches, the validation batches) of this worker.
+
+    Cached inputs: this worker's rows, taken once from the object store into memory, a fresh
+    order every epoch (from seed, rank and epoch, so a resumed run sees the same batches), the
+    same number of batches on every worker. Streamed: Ray Data shards of each split.
+    """
+    import ray.train
+
+    batch_size = cfg.per_worker_batch
+    cached: CachedInputs | None = config.get("cached")
+    if cached is None:
+        train_shard = ray.train.get_dataset_shard("train")
+        val_shard = ray.train.get_dataset_shard("val")
+        return (
+            lambda epoch: train_shard.iter_torch_batches(
+                batch_size=batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None, drop_last=False
+            ),
+            lambda: val_shard.iter_torch_batches(batch_size=batch_size),
+        )
+    arrays, totals = cached.take(rank, world)
+    train_rows = worker_tensors(arrays["train"], device)
+    val_rows = worker_tensors(arrays["val"], device)
+    n_rows = len(train_rows["y"])
+    per_worker = totals["train"] // world  # DDP needs the same number of steps on every worker
+    return (
+        lambda epoch: memory_batches(
+            train_rows, batch_size, shuffled_order(n_rows, per_worker, (cfg.seed, rank, epoch))
+        ),
+        lambda: memory_batches(val_rows, max(batch_size, VAL_BATCH)),
+    )
+
+
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train worker loop: resume, then per epoch train, validate, checkpoint, report."""
     import ray.train
     import ray.train.torch
 
+    stamps = {"worker_start_time": time.time()}
     cfg: TrainConfig = config["config"]
     preset = cfg.preset
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
@@ -192,24 +251,25 @@ def train_func(config: dict[str, Any]) -> None:
         return  # finished before: nothing to resume
     state["worker_nodes"] = [str(n) for n in _all_gather(_node_id())]
 
-    model = ray.train.torch.prepare_model(model)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    batch_size = cfg.per_worker_batch
+    # Rank 0's batch-norm statistics are the checkpoint's and are broadcast before validating, so the
+    # per-step broadcast of DDP's default (a second collective each step) changes nothing: skip it.
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
+    train_batches, val_batches = _worker_inputs(config, cfg, rank, world, device)
+    stamps["inputs_ready_time"] = last = time.time()
 
     for epoch in range(int(state["epoch"]) + 1, cfg.max_epochs + 1):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         stats = train_epoch(
             model,
-            train_shard.iter_torch_batches(
-                batch_size=batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None, drop_last=False
-            ),
+            _stamp_first(train_batches(epoch), stamps) if stamps else train_batches(epoch),
             optimizer,
             preset,
             device,
             on_batch=_maybe_inject_fault(cfg, epoch, rank),
         )
-        preds = validate_epoch(model, val_shard.iter_torch_batches(batch_size=batch_size), preset, device)
+        val_start, train_cpu = time.perf_counter(), time.process_time() - cpu_start
+        _broadcast_buffers(model)
+        preds = validate_epoch(unwrap(model), val_batches(), preset, device)
         gathered = _all_gather((stats.loss_sum, stats.n, preds.loss_sum, preds.n, preds.arrays()))
         train_n = sum(g[1] for g in gathered)
         val_n = sum(g[3] for g in gathered)
@@ -232,6 +292,7 @@ def train_func(config: dict[str, Any]) -> None:
             )
         else:
             state["bad_epochs"] += 1
+        now = time.time()
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -241,10 +302,18 @@ def train_func(config: dict[str, Any]) -> None:
             "best_epoch": state["best_epoch"],
             "improved": bool(improved),
             "train_samples": train_n,
+            # epoch_s: this epoch's training and validation; cycle_s: since the previous epoch's
+            # record (so also that epoch's checkpoint and report), or since the inputs were ready.
             "epoch_s": time.perf_counter() - start,
+            "cycle_s": now - last,
+            "train_s": stats.seconds,
+            "val_s": time.perf_counter() - val_start,
+            "train_cpu_s": train_cpu,  # rank 0's CPU seconds (all its threads) in the training loop
             "train_samples_per_s": train_n / max(stats.seconds, 1e-9),
-            "time": time.time(),
+            "time": now,
+            **stamps,  # start-up times, in the first epoch after a (re)start only
         }
+        stamps, last = {}, now
         state["history"] = [*state["history"], record]
         state["epoch"] = epoch
         stop = state["bad_epochs"] >= patience
@@ -274,88 +343,15 @@ def train_func(config: dict[str, Any]) -> None:
             break
 
 
-# --- datasets and trainer ---------------------------------------------------------------------------
-
-
-def _featurize_split(batch: dict[str, np.ndarray], ids: frozenset[str], preset: Preset) -> dict[str, np.ndarray]:
-    """Ray Data map_batches function: keep the rows of one split (by RUN/split.parquet), build inputs."""
-    keep = np.array([str(i) in ids for i in batch["ecg_id"]], dtype=bool)
-    # Ray Data batches are read-only views: index (copies) rather than modify.
-    return featurize({k: np.asarray(v)[keep] for k, v in batch.items()}, preset)
-
-
-def _featurize_splits(batch: dict[str, np.ndarray], codes: dict[str, int], preset: Preset) -> dict[str, np.ndarray]:
-    """One pass for train and val: keep the rows of either, build inputs, tag each with its split."""
-    split = np.array([codes.get(str(i), -1) for i in batch["ecg_id"]], dtype=np.int8)
-    keep = split >= 0
-    out = featurize({k: np.asarray(v)[keep] for k, v in batch.items()}, preset)
-    out["split"] = split[keep]
-    return out
-
-
-def _select_split(batch: dict[str, np.ndarray], code: int) -> dict[str, np.ndarray]:
-    keep = np.asarray(batch["split"]) == code
-    return {k: np.asarray(v)[keep] for k, v in batch.items() if k != "split"}
-
-
-def cached_input_bytes(cfg: TrainConfig, rows: int) -> int:
-    """Object-store bytes the preprocessed inputs of ``rows`` ECGs take (float32 input + covariates)."""
-    leads, samples = cfg.preset.input.shape
-    return rows * (leads * samples + len(cfg.preset.covariates) + 4) * 4
-
-
-def should_cache(cfg: TrainConfig, rows: int) -> bool:
-    """cache_inputs True/False decides; None (auto): cache when the inputs take under a quarter of the object store."""
-    if cfg.cache_inputs is not None:
-        return bool(cfg.cache_inputs)
-    import ray
-
-    store_bytes = ray.cluster_resources().get("object_store_memory", 0)
-    return cached_input_bytes(cfg, rows) < store_bytes / 4
-
-
-def build_datasets(cfg: TrainConfig, split_table: pd.DataFrame) -> dict[str, Any]:
-    """Ray Datasets 'train' and 'val' of model inputs.
-
-    Cached (small data, or ``cache_inputs``): the shards are read and preprocessed once, in one
-    pass for both splits, and the inputs stay in the object store for every epoch. Streamed
-    (large data): each split streams the shards every epoch, keeping only its own rows.
-    """
-    from lvm_ray.ray_utils import read_ecg_dataset
-
-    present = set(columns_present(cfg.data))
-    columns = [c for c in input_columns(cfg.preset) if c in present]
-    ids = {which: ids_in_split(split_table, which) for which in ("train", "val")}
-    if should_cache(cfg, sum(len(v) for v in ids.values())):
-        codes = {i: SPLIT_CODES[which] for which, members in ids.items() for i in members}
-        both = (
-            read_ecg_dataset(cfg.data, columns=columns)
-            .map_batches(_featurize_splits, fn_kwargs={"codes": codes, "preset": cfg.preset}, batch_format="numpy")
-            .materialize()
-        )
-        datasets = {
-            which: both.map_batches(
-                _select_split, fn_kwargs={"code": SPLIT_CODES[which]}, batch_format="numpy"
-            ).materialize()
-            for which in ("train", "val")
-        }
-        datasets["train"] = datasets["train"].randomize_block_order()  # cheap on materialised blocks
-        return datasets
-    return {
-        which: read_ecg_dataset(cfg.data, columns=columns).map_batches(
-            _featurize_split,
-            fn_kwargs={"ids": ids[which], "preset": cfg.preset},
-            batch_format="numpy",
-            batch_size=128,
-        )
-        for which in ("train", "val")
-    }
+# --- trainer ----------------------------------------------------------------------------------------
 
 
 def build_trainer(cfg: TrainConfig, datasets: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> Any:
     """The TorchTrainer: ScalingConfig from the config, storage under RUN/ray, FailureConfig.
 
-    ``callbacks``: Ray Train callbacks (``lvm_ray.tune`` passes Ray Tune's report callback).
+    ``datasets``: :func:`build_datasets`'s (cached inputs go to the workers in the loop's config,
+    Ray Datasets to Ray Train, which splits them across the workers). ``callbacks``: Ray Train
+    callbacks (``lvm_ray.tune`` passes Ray Tune's report callback).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -364,9 +360,10 @@ def build_trainer(cfg: TrainConfig, datasets: Mapping[str, Any], callbacks: Sequ
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
+    ray_datasets = {k: v for k, v in datasets.items() if k != CACHED}
     return TorchTrainer(
         train_func,
-        train_loop_config={"config": cfg},
+        train_loop_config={"config": cfg, "cached": datasets.get(CACHED)},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
@@ -382,11 +379,18 @@ def build_trainer(cfg: TrainConfig, datasets: Mapping[str, Any], callbacks: Sequ
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks) or None,
         ),
-        datasets=dict(datasets),
+        datasets=ray_datasets or None,
     )
 
 
 # --- the driver -----------------------------------------------------------------------------------
+
+
+def _room_beside_workers(cfg: TrainConfig) -> bool:
+    """Whether the cluster has a CPU free besides the Train workers' (for reads running alongside them)."""
+    import ray
+
+    return ray.available_resources().get("CPU", 0) >= cfg.num_workers * cfg.cpus_per_worker + 1
 
 
 def train(
@@ -504,14 +508,23 @@ def train(
     }
     store.write_json(_url(run, RUN_FILE), run_record)
 
-    # An ensemble's members share one build (lvm_ray.ensemble): they differ only by seed.
-    datasets = (datasets_from or build_datasets)(cfg, split_table)
+    # An ensemble's members share one build (lvm_ray.ensemble): they differ only by seed. Our own
+    # build reads while the Train workers start, when the cluster has a CPU for the reads besides them.
+    if datasets_from is not None:
+        datasets = datasets_from(cfg, split_table)
+    else:
+        datasets = build_datasets(cfg, split_table, wait=not _room_beside_workers(cfg))
     try:
         with EpochPrinter(_url(run, METRICS_FILE), cfg.max_epochs, cfg.preset.target.task, run):
             result = build_trainer(cfg, datasets).fit()
         error = result.error
     except Exception as exc:  # ray.train.TrainingFailedError: workers failed more than max_failures
         error = exc
+    if error is not None and isinstance(datasets.get(CACHED), CachedInputs):
+        try:  # a shard that could not be read is the cause to name, not the workers' retries
+            datasets[CACHED].wait()
+        except Exception as read_error:  # noqa: BLE001 - reported as the run's error below
+            error = read_error
     if error is not None:
         store.write_json(_url(run, RUN_FILE), {**run_record, "status": "failed", "error": str(error)[-4000:]})
         raise TrainError(f"training failed (re-run the same command to resume): {str(error)[-2000:]}") from error
@@ -544,6 +557,7 @@ def train(
         test_metrics = evaluate_run(run, data, which="test")
         store.write_json(_url(run, TEST_METRICS_FILE), test_metrics)
     rates = [h["train_samples_per_s"] for h in state["history"] if "train_samples_per_s" in h]
+    first_batch = [h["first_batch_time"] for h in state["history"] if "first_batch_time" in h]
     train_result = TrainResult(
         run=run,
         model_path=model_url,
@@ -559,7 +573,8 @@ def train(
         resumed_from=[int(e) for e in state["resumed_from"]],
         worker_nodes=list(state.get("worker_nodes", [])),
         wall_s=time.time() - started,
-        train_samples_per_s=float(np.median(rates)) * cfg.num_workers if rates else None,
+        train_samples_per_s=float(np.median(rates)) if rates else None,  # all workers' ECGs per second
+        startup_s=first_batch[-1] - started if first_batch and not state["resumed_from"] else None,
     )
     store.write_json(
         _url(run, RUN_FILE),
@@ -580,8 +595,36 @@ def train(
 # --- evaluation of a run on one of its splits -------------------------------------------------------
 
 
+#: Datasets of up to this many ECGs are predicted in the driver, one shard at a time: reading them
+#: takes seconds, where starting a Ray Data actor pool (a process, torch, the model) takes more.
+IN_PROCESS_ROWS = 5000
+#: What :func:`split_predictions` returns, per ECG.
+PREDICTION_KEYS = ("ecg_id", "pred", "true", "lvh_prob", "lvh", "sex", "bsa_m2")
+
+
+def _split_rows(predictor: Any, ids: frozenset[str] | None, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The Predictor (the one prediction path) on the rows of ``batch`` whose ecg_id is in ``ids`` (None: all)."""
+    ecg_ids = batch["ecg_id"]
+    keep = np.ones(len(ecg_ids), dtype=bool) if ids is None else np.array([str(i) in ids for i in ecg_ids], dtype=bool)
+    rows = {k: np.asarray(v)[keep] for k, v in batch.items()}
+    n = int(keep.sum())
+    preset = predictor.preset
+    pred, lvh_prob = predictor.model_outputs(rows["ecg"], rows)
+    true = pd.to_numeric(pd.Series(rows[preset.target.column], dtype=object), errors="coerce").to_numpy(float)
+    return {
+        "ecg_id": np.array([str(i) for i in rows["ecg_id"]], dtype=object),
+        "pred": np.asarray(pred, dtype=float),
+        "true": true,
+        "lvh_prob": np.asarray(lvh_prob, dtype=float) if lvh_prob is not None else np.full(n, np.nan),
+        "lvh": lvh_labels(rows, n) if preset.lvh_head else np.full(n, -1, dtype=np.int64),
+        # What a conformal calibration needs besides pred and true (lvm_ray.calibrate).
+        "sex": np.array([normalise_sex(v) or "" for v in rows.get("sex", [None] * n)], dtype=object),
+        "bsa_m2": derive(rows, mass_column=preset.target.column, n=n)["bsa_m2"].to_numpy(dtype=float),
+    }
+
+
 class _SplitEvaluator:
-    """Ray Data actor: the run's Predictor (the one prediction path) on the rows of one split (None: all)."""
+    """Ray Data actor: :func:`_split_rows` with the run's Predictor."""
 
     def __init__(self, loader: Callable[[], Any], ids: frozenset[str] | None) -> None:
         torch.set_num_threads(1)
@@ -589,23 +632,28 @@ class _SplitEvaluator:
         self.ids = ids
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = batch["ecg_id"]
-        keep = np.ones(len(ids), dtype=bool) if self.ids is None else np.array([str(i) in self.ids for i in ids])
-        rows = {k: np.asarray(v)[keep] for k, v in batch.items()}
-        n = int(keep.sum())
-        preset = self.predictor.preset
-        pred, lvh_prob = self.predictor.model_outputs(rows["ecg"], rows)
-        true = pd.to_numeric(pd.Series(rows[preset.target.column], dtype=object), errors="coerce").to_numpy(float)
-        return {
-            "ecg_id": np.array([str(i) for i in rows["ecg_id"]], dtype=object),
-            "pred": np.asarray(pred, dtype=float),
-            "true": true,
-            "lvh_prob": np.asarray(lvh_prob, dtype=float) if lvh_prob is not None else np.full(n, np.nan),
-            "lvh": lvh_labels(rows, n) if preset.lvh_head else np.full(n, -1, dtype=np.int64),
-            # What a conformal calibration needs besides pred and true (lvm_ray.calibrate).
-            "sex": np.array([normalise_sex(v) or "" for v in rows.get("sex", [None] * n)], dtype=object),
-            "bsa_m2": derive(rows, mass_column=preset.target.column, n=n)["bsa_m2"].to_numpy(dtype=float),
-        }
+        return _split_rows(self.predictor, self.ids, batch)
+
+
+def _concat(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in PREDICTION_KEYS}
+
+
+def _predict_in_process(
+    loader: Callable[[], Any], data: str, ids: frozenset[str] | None, columns: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """:func:`split_predictions` in this process: each shard's wanted rows only are decoded and predicted."""
+    predictor = loader()
+    parts = []
+    for table in store.iter_shards(data, columns=columns):
+        if ids is not None:
+            wanted = [str(i) in ids for i in table.column("ecg_id").to_pylist()]
+            table = table.filter(pa.array(wanted, type=pa.bool_()))
+        if table.num_rows:
+            batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names if c != "ecg"}
+            batch["ecg"] = store.ecg_array(table)
+            parts.append(_split_rows(predictor, None, batch))
+    return _concat(parts)
 
 
 def split_predictions(
@@ -618,7 +666,8 @@ def split_predictions(
     """The model at ``checkpoint`` on the rows of ``data`` whose ecg_id is in ``ids`` (None: all rows).
 
     Arrays ecg_id, pred, true (the preset's target), lvh_prob, lvh, sex ('M'/'F'/''), bsa_m2; read with Ray
-    Data through the Predictor, as the test evaluation and ``lvm-ray calibrate`` need them.
+    Data through the Predictor, as the test evaluation and ``lvm-ray calibrate`` need them (in this
+    process for datasets of up to :data:`IN_PROCESS_ROWS` ECGs: the same Predictor, no actor start-up).
     """
     from functools import partial
 
@@ -627,11 +676,13 @@ def split_predictions(
     from lvm_ray.predict import Predictor
     from lvm_ray.ray_utils import ensure_connected, read_ecg_dataset
 
-    ensure_connected(address)
     loader = loader or partial(Predictor.from_checkpoint, checkpoint, False)
     preset = Preset.from_dict(read_payload(checkpoint)["preset"])
     present = set(columns_present(data))
     columns = [c for c in input_columns(preset) if c in present]
+    if int(store.read_manifest(data).get("n_rows", IN_PROCESS_ROWS + 1)) <= IN_PROCESS_ROWS:
+        return _predict_in_process(loader, data, ids, columns)
+    ensure_connected(address)
     ds = read_ecg_dataset(data, columns=columns).map_batches(
         _SplitEvaluator,
         fn_constructor_args=(loader, ids),
@@ -639,12 +690,7 @@ def split_predictions(
         batch_size=256,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
     )
-    keys = ("ecg_id", "pred", "true", "lvh_prob", "lvh", "sex", "bsa_m2")
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        for key in parts:
-            parts[key].append(np.asarray(batch[key]))
-    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    return _concat(list(ds.iter_batches(batch_size=4096, batch_format="numpy")))
 
 
 def evaluate_run(

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from lvm_ray import store
-from lvm_ray.fitting import autocast, epoch_metrics, featurize, train_epoch, validate_epoch
+from lvm_ray.fitting import autocast, epoch_metrics, train_epoch, validate_epoch
+from lvm_ray.inputs import featurize
 from lvm_ray.model import build_model, load_checkpoint, read_payload
 from lvm_ray.presets import get_preset
 from lvm_ray.runs import FaultInjection, TrainError, make_config
