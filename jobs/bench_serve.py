@@ -276,6 +276,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     baseline_start_s = time.perf_counter() - started
     try:
         proxy = args.proxy if use_proxy(args.proxy) else "the cluster's"
+        # Ray starts its workers (the replicas) at nice 15; the baseline runs at 0. On a shared
+        # machine that alone starves the replicas: the Ray started here runs them at 0 too.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ensure_connected()
         started = time.perf_counter()
         serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
@@ -338,7 +341,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results[kind] = part
         else:
             results.update(part)
-    results["serve_settings"] = {**settings.as_dict(), "deployment": "LVMassPredictor", "proxy": proxy}
+    results["serve_settings"] = {
+        **settings.as_dict(),
+        "deployment": "LVMassPredictor",
+        "proxy": proxy,
+        "worker_niceness": os.environ.get("RAY_worker_niceness"),
+    }
     results["plain_fastapi_workers"] = args.workers
     results["startup_s"] = {"plain_fastapi": baseline_start_s, "ray_serve": serve_start_s}
     results["requests_per_level"] = args.requests
