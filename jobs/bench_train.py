@@ -61,6 +61,16 @@ def split_arrays(data: str, preset: Any, split: Any, which: str, max_rows: int |
     return {k: np.concatenate([p[k] for p in parts])[:max_rows] for k in parts[0]}
 
 
+def batches(tensors: dict[str, Any], batch_size: int, shuffle: bool) -> Any:
+    """Mini-batches of in-memory tensors (the baselines' data loader; Ray Train's cached path batches the same way)."""
+    import torch
+
+    from lvm_ray.fitting import memory_batches
+
+    n = len(tensors["y"])
+    return memory_batches(tensors, batch_size, torch.randperm(n) if shuffle else None)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Ray Train (2 workers, DDP, inputs cached or streamed) vs a bare single-process loop over in-memory tensors.
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from lvm_ray import store
-from lvm_ray.fitting import autocast, epoch_metrics, train_epoch, validate_epoch
+from lvm_ray.fitting import autocast, epoch_metrics, memory_batches, shuffled_order, train_epoch, validate_epoch
 from lvm_ray.inputs import featurize
 from lvm_ray.model import build_model, load_checkpoint, read_payload
 from lvm_ray.presets import get_preset
@@ -28,6 +28,7 @@ from lvm_ray.runs import FaultInjection, TrainError, make_config
 from lvm_ray.splits import SPLIT_CODES, SplitSpec
 from lvm_ray.stats import auroc
 from lvm_ray.train import build_trainer, train
+from lvm_ray.train_inputs import CachedInputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,6 +94,45 @@ def test_epoch_helpers_learn_a_simple_signal():
     arrays = after.arrays()
     metrics = epoch_metrics(preset, arrays["main"], arrays["y"], arrays["lvh_prob"], arrays["lvh"])
     assert metrics["n"] == 96 and metrics["pearson_r"] > 0.8
+
+
+def test_epoch_order_is_seeded_and_batches_cover_it():
+    """An epoch's order depends only on (seed, rank, epoch): a resumed run sees the same batches."""
+    a, b = shuffled_order(10, 9, (0, 1, 3)), shuffled_order(10, 9, (0, 1, 3))
+    assert torch.equal(a, b) and len(set(a.tolist())) == 9
+    assert not torch.equal(a, shuffled_order(10, 9, (0, 1, 4)))  # another epoch, another order
+    rows = {"x": torch.arange(10.0)[:, None], "y": torch.arange(10.0)}
+    batches = list(memory_batches(rows, 4, a))
+    assert [len(b["y"]) for b in batches] == [4, 4, 1]
+    assert torch.cat([b["y"] for b in batches]).tolist() == a.float().tolist()
+    assert [b["y"].tolist() for b in memory_batches(rows, 6)] == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]
+
+
+def test_cached_inputs_give_each_worker_every_wth_row_by_ecg_id(ray_cluster):
+    """Workers' rows: disjoint, together the whole split, in ecg_id order, whatever the shards' order."""
+    ray = ray_cluster
+
+    def part(ids, split):
+        return {
+            "x": np.array([[float(i[1:])] for i in ids], dtype=np.float32),
+            "y": np.array([float(i[1:]) for i in ids]),
+            "ecg_id": np.array(ids),
+            "split": np.array(split, dtype=np.int8),
+        }
+
+    train, val = SPLIT_CODES["train"], SPLIT_CODES["val"]
+    shards = (
+        ray.put(part(["e7", "e2", "e5", "e9"], [train, val, train, train])),
+        ray.put(part(["e1", "e8", "e3", "e4", "e6"], [train, train, val, train, train])),
+    )
+    cached = CachedInputs(shards=shards, counts={"train": 7, "val": 2})
+    (rank0, totals), (rank1, _) = cached.take(0, 2), cached.take(1, 2)
+    assert totals == {"train": 7, "val": 2}
+    assert rank0["train"]["y"].tolist() == [1, 5, 7, 9] and rank1["train"]["y"].tolist() == [4, 6, 8]
+    assert rank0["val"]["y"].tolist() == [2] and rank1["val"]["y"].tolist() == [3]
+    assert rank0["train"]["x"][:, 0].tolist() == [1, 5, 7, 9]  # every column follows the same rows
+    swapped = CachedInputs(shards=shards[::-1], counts=cached.counts)
+    assert swapped.take(0, 2)[0]["train"]["y"].tolist() == [1, 5, 7, 9]
 
 
 def test_trainer_picks_gpus_and_nccl_when_asked(tmp_path):
