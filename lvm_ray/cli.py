@@ -547,6 +547,16 @@ def serve(
     checkpoint: Annotated[str, typer.Option(help="Run folder or checkpoint file (any URL).")],
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it local.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, help="Model replicas (one process each; one per core serves most).")
+    ] = None,
+    proxy: Annotated[
+        str,
+        typer.Option(
+            help="HTTP front end of an embedded Ray: 'serve' (Serve's proxy) or 'haproxy' (faster; "
+            "replicas then also listen on ports 30000-31000)."
+        ),
+    ] = "serve",
     use_gpu: GpuOption = None,
     address: AddressOption = None,
     verbose: VerboseOption = False,
@@ -554,16 +564,19 @@ def serve(
     """Serve the model on Ray Serve: POST /v1/predict, /v1/explain (+/file); GET /healthz, /readyz, /v1/model, /docs."""
     from lvm_ray.model import CheckpointError, read_payload
     from lvm_ray.ray_utils import ClusterError, ensure_connected, resolve_gpu
-    from lvm_ray.serve import run_server
+    from lvm_ray.serve import run_server, use_proxy
 
     _setup_logging(verbose)
     try:
         read_payload(checkpoint)  # a missing or foreign checkpoint is reported before Ray starts
+        if not use_proxy(proxy):
+            typer.echo(f"note: --proxy {proxy} applies to an embedded Ray only; the cluster's front end is used")
         ensure_connected(address, verbose=verbose)
         gpu = resolve_gpu(use_gpu, stage="serve")
-    except (CheckpointError, ClusterError) as exc:
+    except (CheckpointError, ClusterError, ValueError) as exc:
         _fail(str(exc))
-    run_server(checkpoint, host=host, port=port, use_gpu=gpu, address=address, verbose=verbose)
+    settings = {"num_replicas": replicas} if replicas else None
+    run_server(checkpoint, host=host, port=port, use_gpu=gpu, address=address, verbose=verbose, settings=settings)
 
 
 @app.command()

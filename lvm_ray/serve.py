@@ -331,18 +331,21 @@ def run_server(
     verbose: bool = False,
     announce: Callable[[str], None] = print,
     ready_timeout_s: float = 300.0,
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Serve the model at ``checkpoint`` on host:port and block until Ctrl-C.
 
     ``announce`` gets the URL line once the app answers /readyz (not before: loading the model
     and starting the proxy take a while). Unless ``verbose``, Serve's own INFO logs go only to
-    Ray's log files (session_latest/logs/serve), not to the console.
+    Ray's log files (session_latest/logs/serve), not to the console. ``settings``: ServeSettings
+    keys (e.g. ``num_replicas``) passed to ``build_app``.
     """
     ensure_connected(address, verbose=verbose)  # quiet: worker output stays in Ray's log files
     if not verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's own "Started Serve ..." lines
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app({"checkpoint": checkpoint, "use_gpu": use_gpu}), name=APP_NAME, route_prefix="/")
+    args = {"checkpoint": checkpoint, "use_gpu": use_gpu, **(settings or {})}
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     wait_until_ready(f"http://{local}:{port}/readyz", ready_timeout_s)
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -35,6 +35,7 @@ PURE = (
     "explain",
     "modelcard",
     "keras_import",
+    "inputs",
 )
 
 

@@ -729,3 +729,14 @@ def test_the_serve_benchmark_reports_both_servers_and_bodies(tmp_path):
         assert len(part["rounds"]["ratio_rps_serve_to_fastapi"]["3"]) == 2
     assert report["serve_settings"]["proxy"] == "haproxy" and report["serve_settings"]["num_cpus"] == 0.5
     assert report["plain_fastapi_workers"] == 2
+
+
+def test_cli_refuses_an_unknown_proxy_in_one_line(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from lvm_ray.cli import app
+
+    checkpoint = tiny_checkpoint(str(tmp_path / "model.pt"))
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", checkpoint, "--proxy", "nginx"])
+    assert result.exit_code != 0
+    assert result.output.strip() == "error: unknown proxy 'nginx': choose serve, haproxy"
