@@ -97,15 +97,11 @@ BsaM2 = Annotated[
 EcgId = Annotated[str | None, Field(max_length=200)]
 
 
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": []})
+class _Covariates(BaseModel):
+    """What travels with an ECG in either body: covariates and its id (all optional)."""
 
-    ecg: list[list[float]] = Field(..., description="Leads x samples.", min_length=1, max_length=15)
-    units: Units = "uV"
-    sample_rate: SampleRate = 500.0
-    leads: list[str] | None = Field(
-        None, description="Lead names in the order of `ecg` (default: the 12 canonical leads, or I, II, V1-V6 for 8)."
-    )
+    model_config = ConfigDict(extra="forbid")
+
     age: Age = None
     sex: Sex = None
     height_cm: HeightCm = None
@@ -114,11 +110,20 @@ class PredictRequest(BaseModel):
     ecg_id: EcgId = None
 
 
-class NpyQuery(BaseModel):
+class PredictRequest(_Covariates):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": []})
+
+    ecg: list[list[float]] = Field(..., description="Leads x samples.", min_length=1, max_length=15)
+    units: Units = "uV"
+    sample_rate: SampleRate = 500.0
+    leads: list[str] | None = Field(
+        None, description="Lead names in the order of `ecg` (default: the 12 canonical leads, or I, II, V1-V6 for 8)."
+    )
+
+
+class NpyQuery(_Covariates):
     """The query string of an ``application/x-npy`` body: everything of :class:`PredictRequest`
     but the samples, which are the array (``leads`` comma-separated)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     units: Units = "uV"
     sample_rate: SampleRate = 500.0
@@ -128,12 +133,6 @@ class NpyQuery(BaseModel):
         "I, II, III, aVR, aVL, aVF, V1-V6, or I, II, V1-V6 for 8 rows).",
         max_length=200,
     )
-    age: Age = None
-    sex: Sex = None
-    height_cm: HeightCm = None
-    weight_kg: WeightKg = None
-    bsa_m2: BsaM2 = None
-    ecg_id: EcgId = None
 
 
 @dataclass

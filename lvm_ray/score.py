@@ -458,7 +458,9 @@ def score(
                 "rules": rules_info["rules"],
                 "rules_table": [ray.put(lookup)] if lookup is not None else None,
             },
-            batch_size=None,  # a whole block per call: the actor slices it into model batches
+            # A whole block per call (the actor slices it into model batches). Ray Data wants a
+            # number when GPUs are requested: a shard's rows, at least the model batch.
+            batch_size=max([batch_size, *(int(s.get("rows", 0)) for s in manifest["shards"])]) if use_gpu else None,
             batch_format="pyarrow",
             zero_copy_batch=True,
             compute=ActorPoolStrategy(min_size=1 if use_gpu else actors, max_size=actors),

@@ -144,7 +144,9 @@ def test_the_benchmark_baseline_runs_one_predictor_per_uvicorn_worker(tmp_path) 
     finally:
         bench._stop(proc)
     assert proc.poll() is not None
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+    # The workers exit on the group's SIGTERM, maybe a moment after their supervisor.
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 # ----------------------------------------------------------------------------- file names
