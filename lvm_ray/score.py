@@ -258,10 +258,18 @@ def _write_temporary_part(out: str, tables: list[pa.Table]) -> str:
     return name
 
 
-def _commit_part(out: str, name: str) -> None:
-    """Rename a finished part into place: a part is whole or absent."""
+def _commit_part(out: str, name: str) -> bool:
+    """Rename a finished part into place (a part is whole or absent); False when there is nothing to rename.
+
+    When actors die (Ctrl-C, a lost node) Ray may hand a block's result over twice: the part is
+    then already in place. A part with neither name has its ECGs scored again by the next run.
+    """
     fs, root = store.filesystem(_parts_url(out))
-    fs.mv(posixpath.join(root, _temporary_name(name)), posixpath.join(root, name))
+    temporary = posixpath.join(root, _temporary_name(name))
+    if not fs.exists(temporary):
+        return False
+    fs.mv(temporary, posixpath.join(root, name))
+    return True
 
 
 def _write_parts(results: Any, out: str, progress: Progress) -> tuple[float | None, float | None]:
@@ -275,7 +283,8 @@ def _write_parts(results: Any, out: str, progress: Progress) -> tuple[float | No
     with progress:
         for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
             for name, rows in zip(batch.column("part").to_pylist(), batch.column("rows").to_pylist(), strict=True):
-                _commit_part(out, name)
+                if not _commit_part(out, name):
+                    continue
                 first = first or time.time()
                 progress.update(rows)
             if batch.num_rows:
