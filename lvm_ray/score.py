@@ -11,12 +11,14 @@ The voltage rules do not depend on the model: ``rules=TABLE`` joins a table writ
 ``lvm-ray rules`` (on ecg_id; every ECG must be in it) instead of measuring them again, and
 ``rules=False`` leaves the rule columns out.
 
-Where the time goes: each actor takes one whole block (a shard, ~1000 ECGs) per call, runs the
-model on it in slices of ``batch_size`` and writes its prediction parts itself (Arrow, no pandas
-round trip of the carried columns), under a hidden temporary name; the driver only renames the
-parts it is told about (so an actor of a killed run can never add a part behind a re-run) and
-moves no predictions through the object store. On CPUs there is one actor per core, the read
-tasks use the logical CPUs left.
+Where the time goes: each actor takes one whole shard (~1000 ECGs) per call, runs the model on
+it in slices of ``batch_size`` and writes its prediction parts itself (Arrow, no pandas round
+trip of the carried columns), under a hidden temporary name; the driver only renames the parts
+it is told about (so an actor of a killed run can never add a part behind a re-run) and moves no
+predictions through the object store. On CPUs there is one actor per core and it reads the
+shards it scores itself (the dataset it maps is the manifest's list of shards: no read tasks,
+no waveforms in the object store, no Arrow decode threads beside the model); a GPU actor is fed
+by Ray Data's parquet read on every CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -155,13 +157,16 @@ class RulesLookup:
 
 #: Metadata the predictor reads (the other carried columns go from the shard into the parts as they are).
 _PREDICTOR_INPUTS = ("ecg_id", *COVARIATE_INPUTS)
+#: The one column of the dataset a CPU actor maps: a shard's path in the manifest (the actor reads it).
+SHARD_COLUMN = "shard"
 
 
 class ScoreBatch:
     """Ray Data actor: holds one Predictor; turns one block of shard rows into prediction parts.
 
-    Each call gets a whole block (a shard, batch_size=None in map_batches), predicts it in slices
-    of ``batch_size`` and writes parts of at most ``rows_per_file`` rows under hidden temporary
+    Each call gets a whole shard, as its path (``SHARD_COLUMN``; the actor reads ``read_columns``
+    of it from ``data``) or as a block of its rows (Ray Data's read, for GPU actors), predicts it
+    in slices of ``batch_size`` and writes parts of at most ``rows_per_file`` rows under hidden temporary
     names in ``out``; it returns their names and row counts, and the driver renames them.
     ``rules``: RULES_COMPUTED (measured here), RULES_TABLE (joined from ``rules_table``, a
     one-element list holding the ObjectRef of a :class:`RulesLookup`) or RULES_NONE.
@@ -177,8 +182,12 @@ class ScoreBatch:
         rows_per_file: int = 2048,
         rules: str = RULES_COMPUTED,
         rules_table: list[Any] | None = None,
+        data: str = "",
+        read_columns: list[str] | None = None,
     ) -> None:
         self.predictor = loader()
+        self.data = data
+        self.read_columns = read_columns
         self.carried = carried
         self.skip = pa.array(sorted(skip_ids), type=pa.string()) if skip_ids else None
         self.out = out
@@ -191,16 +200,36 @@ class ScoreBatch:
 
             self.lookup = ray.get(rules_table[0])  # in a list: Ray hands the ref over unresolved
 
+    def _rows(self, block: pa.Table) -> Iterator[pa.Table]:
+        """The rows to score: the shards named in ``block``, a row group at a time, or the block itself."""
+        if SHARD_COLUMN not in block.column_names:
+            tables: Iterable[pa.Table] = [block]
+        else:
+            paths = block.column(SHARD_COLUMN).to_pylist()
+            tables = (t for path in paths for t in store.iter_row_groups(self.data, path, self.read_columns))
+        for table in tables:
+            if self.skip is not None:
+                table = table.filter(pc.invert(pc.is_in(table.column("ecg_id"), value_set=self.skip)))
+            yield table
+
     def __call__(self, block: pa.Table) -> pa.Table:
         started = time.time()
-        if self.skip is not None:
-            block = block.filter(pc.invert(pc.is_in(block.column("ecg_id"), value_set=self.skip)))
         names, rows = [], []
-        for start in range(0, block.num_rows, self.rows_per_file):
-            chunk = block.slice(start, self.rows_per_file)
-            tables = [self.predict(chunk.slice(i, self.batch_size)) for i in range(0, chunk.num_rows, self.batch_size)]
-            names.append(_write_temporary_part(self.out, tables))
-            rows.append(chunk.num_rows)
+        pending: list[pa.Table] = []  # predictions of the part being filled
+        filled = 0
+        for table in self._rows(block):
+            start = 0
+            while start < table.num_rows:
+                take = min(self.batch_size, self.rows_per_file - filled, table.num_rows - start)
+                pending.append(self.predict(table.slice(start, take)))
+                start, filled = start + take, filled + take
+                if filled == self.rows_per_file:
+                    names.append(_write_temporary_part(self.out, pending))
+                    rows.append(filled)
+                    pending, filled = [], 0
+        if filled:
+            names.append(_write_temporary_part(self.out, pending))
+            rows.append(filled)
         return pa.table(
             {
                 "part": pa.array(names, pa.string()),
@@ -348,24 +377,21 @@ def load_rules_table(url: str, data: str, needed_ids: Any) -> tuple[RulesLookup,
     return lookup, comparison
 
 
-def _actor_plan(cpus: int, gpus: int, use_gpu: bool, num_actors: int | None, shards: int) -> tuple[int, int | None]:
-    """(actors, read tasks in flight; None: as many as the CPUs allow).
+def _actor_plan(cpus: int, gpus: int, use_gpu: bool, num_actors: int | None, shards: int) -> int:
+    """How many actors score: never more than shards (one shard is one call).
 
     On CPUs one actor per core (an embedded Ray advertises more logical CPUs than the machine has
-    cores; a cluster's CPUs are its cores): the actors ask for what a read task asks for (one CPU,
-    no GPU), so Ray Data fuses the read into them and each actor reads the shard it scores (no
-    separate read tasks, no waveforms in the object store). One GPU actor per GPU: it cannot
-    fuse, and every CPU reads for it. Never more actors than shards (one shard is one call).
+    cores; a cluster's CPUs are its cores), each reading the shards it scores. One GPU actor per
+    GPU, fed by parquet read tasks on every CPU.
     """
     if use_gpu:
-        return max(1, min(num_actors or max(1, gpus), shards)), None
+        return max(1, min(num_actors or max(1, gpus), shards))
     from lvm_ray.ray_utils import is_embedded
 
     cores = cpus
     if is_embedded():
         cores = min(cpus, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    actors = max(1, min(num_actors or cores, cpus, shards))
-    return actors, actors
+    return max(1, min(num_actors or cores, cpus, shards))
 
 
 def score(
@@ -450,11 +476,15 @@ def score(
     began = first_part = None
     if len(done_ids) < n_total:
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        actors, reads = _actor_plan(cpus, gpus, use_gpu, num_actors, len(manifest["shards"]))
-        dataset = read_ecg_dataset(data, read_concurrency=reads)
+        actors = _actor_plan(cpus, gpus, use_gpu, num_actors, len(manifest["shards"]))
         carried = pa.schema(
             [f for f in store.dataset_schema(data) if f.name != "ecg" and not f.name.startswith(_NOT_CARRIED_PREFIXES)]
         )
+        if use_gpu:
+            dataset = read_ecg_dataset(data)
+        else:  # the actors read their shards: one row (and block) per shard
+            shards = [{SHARD_COLUMN: s["path"]} for s in manifest["shards"]]
+            dataset = ray.data.from_items(shards, override_num_blocks=len(shards))
         results = dataset.map_batches(
             ScoreBatch,
             fn_constructor_kwargs={
@@ -466,10 +496,12 @@ def score(
                 "rows_per_file": rows_per_file,
                 "rules": rules_info["rules"],
                 "rules_table": [ray.put(lookup)] if lookup is not None else None,
+                "data": data,
+                "read_columns": ["ecg", *carried.names],
             },
-            # A whole block per call (the actor slices it into model batches). Ray Data wants a
-            # number when GPUs are requested: a shard's rows, at least the model batch.
-            batch_size=max([batch_size, *(int(s.get("rows", 0)) for s in manifest["shards"])]) if use_gpu else None,
+            # A whole shard per call (the actor slices it into model batches): one path, or a
+            # block of rows; Ray Data wants a number when GPUs are requested: a shard's rows.
+            batch_size=max([batch_size, *(int(s.get("rows", 0)) for s in manifest["shards"])]) if use_gpu else 1,
             batch_format="pyarrow",
             zero_copy_batch=True,
             compute=ActorPoolStrategy(min_size=1 if use_gpu else actors, max_size=actors),

@@ -282,6 +282,16 @@ def read_shard(root: str, relative_path: str, columns: Sequence[str] | None = No
         return pq.read_table(f, columns=list(columns) if columns else None)
 
 
+def iter_row_groups(root: str, relative_path: str, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    """One shard a row group (256 ECGs) at a time, decoded on the calling thread: a consumer with
+    one core holds ~30 MB of waveforms instead of the whole shard and its decode buffers."""
+    fs, path = filesystem(join_url(root, relative_path))
+    with fs.open(path, "rb") as f:
+        shard = pq.ParquetFile(f)
+        for index in range(shard.num_row_groups):
+            yield shard.read_row_group(index, columns=list(columns) if columns else None, use_threads=False)
+
+
 def remove(root: str, relative_path: str) -> None:
     fs, path = filesystem(join_url(root, relative_path))
     fs.rm(path)
