@@ -14,6 +14,11 @@ the voltage rules; "table": score joins a `lvm-ray rules` table, made first in t
 timed apart, the biobank scenario) scores --small-data and then --data.
 parallel_efficiency = (Ray ECGs/s after startup) / (units x baseline ECGs/s), units = CPU cores,
 or GPUs with --use-gpu.
+Where the rest goes, measured in the same run: ``hardware_parallel_ceiling`` (``units`` baseline
+processes at once, against ``units`` times one alone: what the cores lose to each other),
+``read_ceiling`` (the shard read and decode an actor does beside the prediction, from
+``read_ecgs_per_s``) and ``efficiency_vs_concurrent_baseline`` (the run against the baselines
+measured at once: Ray's own share).
 """
 
 from __future__ import annotations
@@ -101,8 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
 
 
-def _baseline(data: str, checkpoint: str, batch_size: int, n: int, use_gpu: bool) -> dict[str, Any]:
-    """Single-process rates (run in a subprocess: one torch and one BLAS thread on CPU)."""
+def _baseline(
+    data: str, checkpoint: str, batch_size: int, n: int, use_gpu: bool, start_at: float | None = None
+) -> dict[str, Any]:
+    """Single-process rates (run in a subprocess: one torch and one BLAS thread on CPU).
+
+    ``start_at`` (time.time()): wait until then before measuring, so that copies started
+    together measure at the same time (the hardware's own parallel ceiling).
+    """
     import pyarrow as pa
     import torch
     from threadpoolctl import threadpool_limits
@@ -122,6 +133,12 @@ def _baseline(data: str, checkpoint: str, batch_size: int, n: int, use_gpu: bool
             break
     table = pa.concat_tables(tables).slice(0, n)
     ecg = store.ecg_array(table)
+    if start_at is not None:
+        predictor.predict(
+            ecg[:batch_size],
+            {c: table.column(c).to_numpy(zero_copy_only=False)[:batch_size] for c in ("ecg_id", *COVARIATE_INPUTS)},
+        )
+        time.sleep(max(0.0, start_at - time.time()))
     meta = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("ecg_id", *COVARIATE_INPUTS)}
     batches = [
         (ecg[i : i + batch_size], {k: v[i : i + batch_size] for k, v in meta.items()}) for i in range(0, n, batch_size)
@@ -147,6 +164,23 @@ def _baseline(data: str, checkpoint: str, batch_size: int, n: int, use_gpu: bool
         for e, m in batches
     ]
 
+    if start_at is not None:  # predict only: the hardware's parallel ceiling
+        return {
+            "predict_ecgs_per_s": {
+                "computed": rate(predictor.predict, batches),
+                "table": rate(lambda e, m: predictor.predict(e, m, rules=False), batches),
+            }
+        }
+    shards = store.read_manifest(data)["shards"]
+    read_started, read_rows = time.perf_counter(), 0
+    for shard in shards:  # what a scoring actor does before it predicts
+        for rows in store.iter_row_groups(data, shard["path"]):
+            store.ecg_array(rows)
+            read_rows += rows.num_rows
+        if read_rows >= n:
+            break
+    read_ecgs_per_s = read_rows / (time.perf_counter() - read_started)
+
     @torch.inference_mode()
     def forward(x: Any, cov: Any) -> None:
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -162,23 +196,38 @@ def _baseline(data: str, checkpoint: str, batch_size: int, n: int, use_gpu: bool
             "table": rate(lambda e, m: predictor.predict(e, m, rules=False), batches),
         },
         "raw_forward_ecgs_per_s": rate(forward, inputs),
+        # Reading and decoding shards (one thread, a row group at a time), as a scoring actor does.
+        "read_ecgs_per_s": read_ecgs_per_s,
         "model_version": predictor.version,
     }
 
 
-def _run_baseline(args: argparse.Namespace, checkpoint: str) -> dict[str, Any]:
+def _run_baseline(args: argparse.Namespace, checkpoint: str, copies: int = 1) -> list[dict[str, Any]]:
+    """The baseline in one subprocess, or (copies > 1) its predict rates in that many at once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     if args.use_gpu:
         env = dict(os.environ)
-    spec = json.dumps([args.data, checkpoint, args.batch_size, args.baseline_n, args.use_gpu])
+    start_at = time.time() + 15.0 if copies > 1 else None  # after every copy has loaded
+    spec = json.dumps([args.data, checkpoint, args.batch_size, args.baseline_n, args.use_gpu, start_at])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--baseline", spec], env=env, capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"baseline failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--baseline", spec],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(copies)
+    ]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"baseline failed: {stderr.strip().splitlines()[-1:]}")
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return results
 
 
 def _load() -> str:
@@ -206,8 +255,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             save_checkpoint(checkpoint, build_model(args.preset).eval(), get_preset(args.preset), epoch=0)
         report: dict[str, Any] = {"load_before": _load()}
         started = time.perf_counter()
-        baseline = _run_baseline(args, checkpoint)
+        (baseline,) = _run_baseline(args, checkpoint)
         report["baseline"] = {**baseline, "seconds": time.perf_counter() - started}
+        if not args.use_gpu and units > 1:  # `units` copies at once: what the hardware itself loses
+            copies = _run_baseline(args, checkpoint, copies=units)
+            report["concurrent_baseline"] = {
+                "processes": units,
+                "predict_ecgs_per_s": {
+                    m: sum(c["predict_ecgs_per_s"][m] for c in copies) for m in ("computed", "table")
+                },
+            }
         ensure_connected(args.address)
         if args.use_gpu:
             import ray
@@ -265,7 +322,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "parallel_efficiency": large["steady_ecgs_per_s"] / (units * base),
                 "parallel_efficiency_end_to_end": large["score_ecgs_per_s"] / (units * base),
                 "ratio_score_to_raw_forward": large["score_ecgs_per_s"] / (units * baseline["raw_forward_ecgs_per_s"]),
+                # Where the rest goes. The read: a pipeline that reads and predicts on each core,
+                # with nothing else, reaches read / (read + predict) of the predict-only rate.
+                "read_ceiling": baseline["read_ecgs_per_s"] / (baseline["read_ecgs_per_s"] + base),
             }
+            if "concurrent_baseline" in report:
+                together = report["concurrent_baseline"]["predict_ecgs_per_s"][mode]
+                # The hardware: `units` baseline processes at once against `units` times one alone.
+                entry["hardware_parallel_ceiling"] = together / (units * base)
+                # Ray's own share: the run against `units` baseline processes measured at once.
+                entry["efficiency_vs_concurrent_baseline"] = large["steady_ecgs_per_s"] / together
             if "small" in runs:
                 small = runs["small"]
                 entry["small"] = small
@@ -282,6 +348,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "mode": modes[0],
             "n": first["n"],
             "parallel_efficiency": first["parallel_efficiency"],
+            "hardware_parallel_ceiling": first.get("hardware_parallel_ceiling"),
+            "read_ceiling": first["read_ceiling"],
             "peak_cluster_pss_gb": max(report[m]["peak_cluster_pss_gb"] for m in modes),
             "scale_ratio": first.get("scale_ratio"),
             "startup_s": first["startup_s"],
