@@ -602,7 +602,7 @@ def _noisy_leads(
     n = n_good[:, None] * median.shape[-1]
     k = n // 2
     noisy = np.where(n % 2 == 1, below <= k, below < k)
-    decided = np.isin(n_good, counts)[:, None]
+    decided = (n_good[:, None] == np.array(counts, dtype=n_good.dtype)).any(axis=1, keepdims=True)  # np.isin: slow
     for i, lead in zip(*np.nonzero((below == k) & (n % 2 == 0) & decided), strict=True):
         values = resid[:, i, lead].reshape(1, -1)
         noisy[i, lead] = _median_exceeds(values, int(n[i, 0]), thresholds[i], int(n_good[i]), limit)[0]
@@ -697,7 +697,8 @@ def _find_fiducials(combined: np.ndarray, fs: float) -> list[np.ndarray]:
     prominence = peak_prominences(flat, locmax)[0] if locmax.size else np.zeros(0)
     # The most prominent peak per interval (the first of equals, as np.argmax).
     order = np.lexsort((np.arange(locmax.size), -prominence, interval))
-    _, first = np.unique(interval[order], return_index=True)
+    ranked = interval[order]  # sorted: each interval's first entry is its best peak
+    first = np.flatnonzero(np.concatenate([ranked[:1] >= 0, ranked[1:] != ranked[:-1]]))
     best = locmax[order[first]]
     best_interval = interval[order[first]]
     best_row, best_col = row[best_interval], beg[best_interval] + best - starts[best_interval]
@@ -708,7 +709,7 @@ def _find_fiducials(combined: np.ndarray, fs: float) -> list[np.ndarray]:
     first[1:] = best_row[1:] != best_row[:-1]
     close = ~first & (np.diff(best_col, prepend=0) <= min_delay)
     accepted = ~first | (best_col > min_delay)
-    for r in np.unique(best_row[close]).tolist():
+    for r in np.unique(best_row[close]).tolist() if close.any() else []:
         k0, k1 = np.searchsorted(best_row, [r, r + 1])
         last = 0
         for k, col in enumerate(best_col[k0:k1].tolist(), start=k0):
@@ -963,7 +964,8 @@ def _chunk_median_beats(
     half_l = (L + 1) // 2
     noise = np.full((m, N_LEADS), np.nan)
     limit = cfg.max_lead_noise_uv
-    counts = np.unique(n_good[n_good >= max(cfg.min_beats, 1)]).tolist()
+    fewest = max(cfg.min_beats, 1)
+    counts = (np.flatnonzero(np.bincount(n_good)[fewest:]) + fewest).tolist()  # np.unique, faster
     if lead_noise or not np.isfinite(limit):
         resid = np.empty((m, N_LEADS, B + 1, half_l), dtype=np.float32)
         with np.errstate(invalid="ignore"):
