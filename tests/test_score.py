@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -115,6 +117,52 @@ def test_killed_scoring_job_completes_on_rerun(cohort, checkpoint, tmp_path, ray
     assert len(final) == 240 and final.ecg_id.is_unique
     ids = set(store.read_table(cohort, columns=["ecg_id"]).column("ecg_id").to_pylist())
     assert set(final.ecg_id) == ids
+
+
+def test_ctrl_c_ends_scoring_in_one_line_and_the_rerun_completes(cohort, checkpoint, tmp_path, ray_cluster):
+    """SIGINT to `lvm-ray score` (as Ctrl-C sends it): exit 130, one line, parts kept, a re-run resumes."""
+    out = tmp_path / "preds"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from lvm_ray.cli import app
+        from lvm_ray.predict import Predictor
+
+        load = Predictor.from_checkpoint
+
+        def slow_loader(*args, **kwargs):  # defined here: travels by value into the actors
+            predictor = load(*args, **kwargs)
+            inner = predictor.predict
+            def predict(ecg, meta, **options):
+                time.sleep(0.5)  # slow enough to be interrupted part-way
+                return inner(ecg, meta, **options)
+            predictor.predict = predict
+            return predictor
+
+        Predictor.from_checkpoint = slow_loader
+        app(["score", "--data", {cohort!r}, "--checkpoint", {checkpoint!r}, "--out", {str(out)!r},
+             "--batch-size", "8", "--num-actors", "1", "--address", {ray_cluster.get_runtime_context().gcs_address!r}])
+        """
+    )
+    # Its own process group, as a terminal's foreground job: SIGINT to the group is Ctrl-C.
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, **pipes)
+    parts = out / "parts"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(parts.glob("*.parquet")):
+        assert proc.poll() is None, f"scoring ended before it could be interrupted: {proc.communicate()}"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, stderr[-2000:])
+    assert "interrupted: re-run the same command to resume" in stderr
+    assert "Traceback" not in stderr, stderr[-2000:]
+    partial = read_predictions(str(out), columns=["ecg_id"])
+    assert 0 < len(partial) < 240, len(partial)
+    result = score(cohort, checkpoint, str(out), batch_size=32, num_actors=2)
+    assert (result.n_skipped, result.n_scored) == (len(partial), 240 - len(partial))
+    final = read_predictions(str(out), columns=["ecg_id"])
+    assert len(final) == 240 and final.ecg_id.is_unique
 
 
 @pytest.fixture(scope="module")
