@@ -861,28 +861,40 @@ def _median_beats(
         out.error[i] = "no beats detected (flat signal)"
     candidates = np.flatnonzero(~flat)
     peaks_of = _find_fiducials_safe(combined[candidates], fs) if candidates.size else []
+    found = [(i, peaks) for i, peaks in zip(candidates.tolist(), peaks_of, strict=True) if not isinstance(peaks, str)]
+    for i, reason in zip(candidates.tolist(), peaks_of, strict=True):
+        if isinstance(reason, str):
+            out.error[i] = reason
+    # Heart rate (from the median RR) and the beats whose window fits, for all ECGs at once.
+    ecg_of = np.array([i for i, _ in found], dtype=np.int64)
+    sizes = np.array([p.size for _, p in found], dtype=np.int64)
+    peaks = np.concatenate([p for _, p in found]) if found else np.zeros(0, dtype=np.int64)
+    owner = np.repeat(np.arange(len(found)), sizes)
+    same = owner[1:] == owner[:-1]
+    rr_owner, rr = owner[1:][same], np.diff(peaks)[same]
+    rr = rr[np.lexsort((rr, rr_owner))]  # sorted within each ECG
+    n_rr = np.maximum(sizes - 1, 0)
+    first_rr = np.cumsum(n_rr) - n_rr
+    with_rr = n_rr > 0
+    mid = np.stack([first_rr + (n_rr - 1) // 2, first_rr + n_rr // 2])[:, with_rr]
+    out.hr[ecg_of[with_rr]] = 60.0 * fs / (0.5 * (rr[mid[0]] + rr[mid[1]]).astype(np.float64))
+    fits = (peaks - pre - shift >= 0) & (peaks + post + shift <= N)
+    n_fit = np.bincount(owner[fits], minlength=len(found))
+    out.n_beats[ecg_of] = n_fit
+    kept = np.split(peaks[fits], np.cumsum(n_fit)[:-1]) if found else []
     rows: list[int] = []
     keeps: list[np.ndarray] = []
     lo_hr, hi_hr = cfg.hr_range_bpm
-    for i, peaks in zip(candidates.tolist(), peaks_of, strict=True):
-        if isinstance(peaks, str):
-            out.error[i] = peaks
-            continue
-        if peaks.size == 0:
+    for k, i in enumerate(ecg_of.tolist()):
+        if sizes[k] == 0:
             out.error[i] = "no beats detected"
-            continue
-        if peaks.size >= 2:
-            rr = np.sort(np.diff(peaks))
-            out.hr[i] = 60.0 * fs / (0.5 * float(rr[(rr.size - 1) // 2] + rr[rr.size // 2]))
-        keep = peaks[(peaks - pre - shift >= 0) & (peaks + post + shift <= N)]
-        out.n_beats[i] = keep.size
-        if keep.size < cfg.min_beats or keep.size == 0:
-            out.error[i] = f"fewer than {cfg.min_beats} beats ({keep.size} detected)"
+        elif n_fit[k] < cfg.min_beats or n_fit[k] == 0:
+            out.error[i] = f"fewer than {cfg.min_beats} beats ({n_fit[k]} detected)"
         elif not lo_hr <= out.hr[i] <= hi_hr:
             out.error[i] = f"implausible heart rate {out.hr[i]:.0f} bpm"
         else:
             rows.append(i)
-            keeps.append(keep)
+            keeps.append(kept[k])
     order = sorted(range(len(rows)), key=lambda k: keeps[k].size)
     chunk = max(int(cfg.chunk_size), 1)
     for c0 in range(0, len(order), chunk):
@@ -891,14 +903,11 @@ def _median_beats(
         median, n_kept, n_good, noise, noisy = _chunk_median_beats(
             y, row_index, [keeps[k] for k in part], cfg, fs, lead_noise
         )
-        for k, i in enumerate(row_index.tolist()):
-            out.n_beats[i] = n_good[k]
-            if n_good[k] < cfg.min_beats:
-                out.error[i] = f"too noisy: only {n_good[k]} of {n_kept[k]} beats match the median beat"
-            else:
-                out.median[i] = median[k]
-                out.noise[i] = noise[k]
-                out.noisy[i] = noisy[k]
+        out.n_beats[row_index] = n_good
+        ok = n_good >= cfg.min_beats
+        out.median[row_index[ok]], out.noise[row_index[ok]], out.noisy[row_index[ok]] = median[ok], noise[ok], noisy[ok]
+        for k in np.flatnonzero(~ok).tolist():
+            out.error[row_index[k]] = f"too noisy: only {n_good[k]} of {n_kept[k]} beats match the median beat"
     return out
 
 
