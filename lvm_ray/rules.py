@@ -5,8 +5,9 @@ stage and ``lvm-ray rules`` call :func:`measure_batch` once per batch.
 
 Measurement (per ECG, canonical int16/float microvolts [12, 5000] at 500 Hz). Every step runs on
 a chunk of ECGs at once (``chunk_size``): filters are matrix products (the per-sample steps ECG
-by ECG, in the CPU cache), beats of all the chunk's ECGs are gathered into one beat-major array
-padded to the longest beat train, and medians over beats are sorting networks of elementwise
+by ECG, in the CPU cache); ECGs are then sorted by their number of beats and the beats of each
+chunk of similar ECGs are gathered into one beat-major array padded to the longest beat train
+(little padding), and medians over beats are sorting networks of elementwise
 minima and maxima over whole beats; only the detector's last, sequential step loops in Python
 (and only for beat trains with peaks closer than 300 ms). The values, reasons and flags are those
 of the per-ECG implementation it replaced (``jobs/rules_reference.py``; tests/test_rules.py
@@ -115,7 +116,7 @@ class MeasurementConfig:
     #: detect_background_s (about 8-45 Hz).
     detect_smooth_s: float = 0.010
     detect_background_s: float = 0.080
-    #: ECGs filtered together (bounds the memory of a large batch).
+    #: ECGs filtered together, and whose beats are measured together (bounds the memory of a large batch).
     chunk_size: int = 16
     #: Floor of a lead's noise level (robust SD of its second difference, uV) when weighting it
     #: for detection: leads cleaner than this weigh the same.

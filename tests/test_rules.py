@@ -514,6 +514,19 @@ def test_batched_matches_reference_and_truth_on_synthetic(
             assert abs(new_error - old_error) < MAX_MEDIAN_DIFFERENCE_UV, (kind, lead, new_error, old_error)
 
 
+def test_measurements_do_not_depend_on_batch_order_or_size(
+    synthetic_batch: tuple[pd.DataFrame, np.ndarray], synthetic: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    """ECGs are regrouped by beat count inside a batch: each row still gets its own ECG's values, bit for bit."""
+    table, ecg = synthetic_batch
+    _, whole = synthetic
+    order = np.random.default_rng(9).permutation(len(table))[:150]
+    shuffled = measure_batch(ecg[order], list(table["sex"].iloc[order]))
+    pd.testing.assert_frame_equal(shuffled, whole.iloc[order].reset_index(drop=True))
+    alone = measure_batch(ecg[order[:1]], [table["sex"].iloc[order[0]]])
+    pd.testing.assert_frame_equal(alone, whole.iloc[order[:1]].reset_index(drop=True))
+
+
 def test_batched_matches_reference_on_ptbxl_fixture_records(reference: ModuleType) -> None:
     meta, ecgs = _read_ptbxl(FIXTURES / "ptbxl")
     new = measure_batch(ecgs, list(meta["sex"]))
