@@ -1,7 +1,8 @@
 """Stage `rules`: voltage-rule measurements and flags for a whole dataset, with Ray Data.
 
-Each task measures one batch of ECGs with ``lvm_ray.rules.measure_batch`` (the same function
-batch scoring and serving call) and adds the cart's rules where the source carried amplitudes.
+Each task reads one shard, a row group at a time, measures it in batches with
+``lvm_ray.rules.measure_batch`` (the same function batch scoring and serving call) and adds the
+cart's rules where the source carried amplitudes; one task per CPU core at a time.
 """
 
 from __future__ import annotations
@@ -39,6 +40,22 @@ def rules_batch(batch: dict[str, np.ndarray], config: RulesConfig) -> pa.Table:
     return store.frame_to_arrow(frame)
 
 
+#: The shard columns the rules read.
+RULES_INPUTS = ("ecg_id", "sex", "ecg", *(f.name for f in CART_FIELDS))
+
+
+def rules_of_shards(paths: pa.Table, data: str, config: RulesConfig, batch_size: int) -> pa.Table:
+    """The rules rows of the shards named in ``paths`` (``store.SHARD_PATH_COLUMN``), read here."""
+    tables = []
+    for path in paths.column(store.SHARD_PATH_COLUMN).to_pylist():
+        for rows in store.iter_row_groups(data, path, RULES_INPUTS):
+            for start in range(0, rows.num_rows, batch_size):
+                chunk = rows.slice(start, batch_size)
+                batch = {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in RULES_INPUTS if c != "ecg"}
+                tables.append(rules_batch({**batch, "ecg": store.ecg_array(chunk)}, config))
+    return pa.concat_tables(tables)
+
+
 def measure_rules(
     data: str,
     out: str,
@@ -53,18 +70,22 @@ def measure_rules(
     new table is written beside it and moved into place when complete). Anything else there is
     refused, never deleted.
     """
-    from lvm_ray.ray_utils import ensure_connected, read_ecg_dataset
+    from lvm_ray.ray_utils import cpu_cores, ensure_connected, shard_paths_dataset
 
     started = time.time()
-    store.read_manifest(data)
+    n_shards = len(store.read_manifest(data)["shards"])
     store.check_output(out, "rules", inputs=[data])
     ensure_connected(address, verbose=verbose, dashboard=False)
-    columns = ["ecg_id", "sex", "ecg", *(f.name for f in CART_FIELDS)]
-    dataset = read_ecg_dataset(data, columns=columns)
+    dataset = shard_paths_dataset(data)
     tmp = store.temporary_sibling(out)
     try:
         dataset.map_batches(
-            rules_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="numpy"
+            rules_of_shards,
+            fn_kwargs={"data": data, "config": config, "batch_size": batch_size},
+            batch_size=1,  # one shard per task
+            batch_format="pyarrow",
+            num_cpus=1,
+            concurrency=min(cpu_cores(), n_shards),
         ).write_parquet(tmp, mode="error")
         table = read_rules(tmp)
         store.write_json(

@@ -144,6 +144,16 @@ def is_embedded() -> bool:
     return _SESSION.embedded
 
 
+def cpu_cores() -> int:
+    """CPU cores for one-CPU workers: the cluster's CPUs, or this machine's cores when the Ray is
+    embedded (it advertises more logical CPUs than the machine has cores)."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if is_embedded():
+        local = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cpus = min(cpus, local)
+    return max(1, cpus)
+
+
 def describe_cluster() -> str:
     """'4 CPU, 0 GPU, 12.0 GB memory; node types: cpu (CPU 8), gpu (GPU 1 x 8)' for messages."""
     res = ray.cluster_resources()
@@ -225,6 +235,19 @@ def resolve_gpu(use_gpu: bool | None, workers: int = 1, stage: str = "this stage
             flush=True,
         )
     return True
+
+
+def shard_paths_dataset(root: str) -> ray.data.Dataset:
+    """The manifest's shards as a Dataset of paths (``store.SHARD_PATH_COLUMN``), a row and a block each.
+
+    For a CPU stage whose workers read their own shards (``store.iter_row_groups``, a row group
+    at a time on the worker's thread): no read tasks, no parquet sampling workers, no waveforms
+    in the object store.
+    """
+    shards = store.read_manifest(root)["shards"]
+    if not shards:
+        raise store.StoreError(f"{root} has no shards")
+    return ray.data.from_items([{store.SHARD_PATH_COLUMN: s["path"]} for s in shards], override_num_blocks=len(shards))
 
 
 def read_ecg_dataset(

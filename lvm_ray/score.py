@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import posixpath
 import time
 import uuid
@@ -157,14 +156,12 @@ class RulesLookup:
 
 #: Metadata the predictor reads (the other carried columns go from the shard into the parts as they are).
 _PREDICTOR_INPUTS = ("ecg_id", *COVARIATE_INPUTS)
-#: The one column of the dataset a CPU actor maps: a shard's path in the manifest (the actor reads it).
-SHARD_COLUMN = "shard"
 
 
 class ScoreBatch:
     """Ray Data actor: holds one Predictor; turns one block of shard rows into prediction parts.
 
-    Each call gets a whole shard, as its path (``SHARD_COLUMN``; the actor reads ``read_columns``
+    Each call gets a whole shard, as its path (``store.SHARD_PATH_COLUMN``; the actor reads ``read_columns``
     of it from ``data``) or as a block of its rows (Ray Data's read, for GPU actors), predicts it
     in slices of ``batch_size`` and writes parts of at most ``rows_per_file`` rows under hidden temporary
     names in ``out``; it returns their names and row counts, and the driver renames them.
@@ -202,10 +199,10 @@ class ScoreBatch:
 
     def _rows(self, block: pa.Table) -> Iterator[pa.Table]:
         """The rows to score: the shards named in ``block``, a row group at a time, or the block itself."""
-        if SHARD_COLUMN not in block.column_names:
+        if store.SHARD_PATH_COLUMN not in block.column_names:
             tables: Iterable[pa.Table] = [block]
         else:
-            paths = block.column(SHARD_COLUMN).to_pylist()
+            paths = block.column(store.SHARD_PATH_COLUMN).to_pylist()
             tables = (t for path in paths for t in store.iter_row_groups(self.data, path, self.read_columns))
         for table in tables:
             if self.skip is not None:
@@ -386,12 +383,9 @@ def _actor_plan(cpus: int, gpus: int, use_gpu: bool, num_actors: int | None, sha
     """
     if use_gpu:
         return max(1, min(num_actors or max(1, gpus), shards))
-    from lvm_ray.ray_utils import is_embedded
+    from lvm_ray.ray_utils import cpu_cores
 
-    cores = cpus
-    if is_embedded():
-        cores = min(cpus, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    return max(1, min(num_actors or cores, cpus, shards))
+    return max(1, min(num_actors or cpu_cores(), cpus, shards))
 
 
 def score(
@@ -425,7 +419,7 @@ def score(
     """
     from ray.data import ActorPoolStrategy
 
-    from lvm_ray.ray_utils import ensure_connected, read_ecg_dataset, resolve_gpu
+    from lvm_ray.ray_utils import ensure_connected, read_ecg_dataset, resolve_gpu, shard_paths_dataset
 
     started = time.time()
     manifest = store.read_manifest(data)
@@ -482,9 +476,8 @@ def score(
         )
         if use_gpu:
             dataset = read_ecg_dataset(data)
-        else:  # the actors read their shards: one row (and block) per shard
-            shards = [{SHARD_COLUMN: s["path"]} for s in manifest["shards"]]
-            dataset = ray.data.from_items(shards, override_num_blocks=len(shards))
+        else:  # the actors read their shards
+            dataset = shard_paths_dataset(data)
         results = dataset.map_batches(
             ScoreBatch,
             fn_constructor_kwargs={

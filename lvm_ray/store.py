@@ -282,6 +282,10 @@ def read_shard(root: str, relative_path: str, columns: Sequence[str] | None = No
         return pq.read_table(f, columns=list(columns) if columns else None)
 
 
+#: The column of a dataset of shard paths (``ray_utils.shard_paths_dataset``): relative to the root.
+SHARD_PATH_COLUMN = "shard"
+
+
 def iter_row_groups(root: str, relative_path: str, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
     """One shard a row group (256 ECGs) at a time, decoded on the calling thread: a consumer with
     one core holds ~30 MB of waveforms instead of the whole shard and its decode buffers."""
