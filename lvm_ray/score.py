@@ -159,14 +159,15 @@ _PREDICTOR_INPUTS = ("ecg_id", *COVARIATE_INPUTS)
 
 
 class ScoreBatch:
-    """Ray Data actor: holds one Predictor; turns one block of shard rows into prediction parts.
+    """Ray Data actor: holds one Predictor; turns one shard into prediction parts.
 
-    Each call gets a whole shard, as its path (``store.SHARD_PATH_COLUMN``; the actor reads ``read_columns``
-    of it from ``data``) or as a block of its rows (Ray Data's read, for GPU actors), predicts it
-    in slices of ``batch_size`` and writes parts of at most ``rows_per_file`` rows under hidden temporary
-    names in ``out``; it returns their names and row counts, and the driver renames them.
-    ``rules``: RULES_COMPUTED (measured here), RULES_TABLE (joined from ``rules_table``, a
-    one-element list holding the ObjectRef of a :class:`RulesLookup`) or RULES_NONE.
+    Each call gets a whole shard, as its path (``store.SHARD_PATH_COLUMN``: the actor reads
+    ``read_columns`` of it from ``data``) or as a block of its rows (Ray Data's read, for GPU
+    actors), predicts it in slices of ``batch_size`` and writes parts of at most
+    ``rows_per_file`` rows under hidden temporary names in ``out``; it returns their names and
+    row counts, and the driver renames them. ``rules``: RULES_COMPUTED (measured here),
+    RULES_TABLE (joined from ``rules_table``, a one-element list holding the ObjectRef of a
+    :class:`RulesLookup`) or RULES_NONE.
     """
 
     def __init__(
