@@ -10,6 +10,7 @@ killed worker is restarted from it (FailureConfig).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -81,6 +82,10 @@ log = logging.getLogger(__name__)
 
 #: Validation batch of cached inputs (eval-mode batch norm: the batch does not change the outputs).
 VAL_BATCH = 256
+#: Ray Train V2's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s, declared
+#: in ray/train/v2/_internal/constants.py), so the run's start and end reach the driver up to that late.
+#: A poll that misses it only waits longer (a worker is declared dead after 10 min), so 0.5 s is safe.
+HEALTH_CHECK_INTERVAL_S = "0.5"
 
 
 def _url(run: str, name: str) -> str:
@@ -386,6 +391,28 @@ def build_trainer(cfg: TrainConfig, datasets: Mapping[str, Any], callbacks: Sequ
 # --- the driver -----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _ray_train_env() -> Iterator[None]:
+    """Ray Train V2 settings for one fit (the controller reads them from the driver's environment at its start).
+
+    The health-check interval (:data:`HEALTH_CHECK_INTERVAL_S`); on a one-node cluster also no preemption
+    watcher (an actor process started with every worker group, watching for nodes being drained: one node
+    drained takes the whole run with it anyway). A value the user set is kept.
+    """
+    import ray
+
+    wanted = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_INTERVAL_S}
+    if len([n for n in ray.nodes() if n.get("Alive")]) == 1:
+        wanted["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    added = [k for k in wanted if k not in os.environ]
+    os.environ.update({k: wanted[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def _room_beside_workers(cfg: TrainConfig) -> bool:
     """Whether the cluster has a CPU free besides the Train workers' (for reads running alongside them)."""
     import ray
@@ -515,7 +542,7 @@ def train(
     else:
         datasets = build_datasets(cfg, split_table, wait=not _room_beside_workers(cfg))
     try:
-        with EpochPrinter(_url(run, METRICS_FILE), cfg.max_epochs, cfg.preset.target.task, run):
+        with _ray_train_env(), EpochPrinter(_url(run, METRICS_FILE), cfg.max_epochs, cfg.preset.target.task, run):
             result = build_trainer(cfg, datasets).fit()
         error = result.error
     except Exception as exc:  # ray.train.TrainingFailedError: workers failed more than max_failures

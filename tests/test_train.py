@@ -135,6 +135,23 @@ def test_cached_inputs_give_each_worker_every_wth_row_by_ecg_id(ray_cluster):
     assert swapped.take(0, 2)[0]["train"]["y"].tolist() == [1, 5, 7, 9]
 
 
+def test_ray_train_settings_last_one_fit_and_keep_the_users(ray_cluster, monkeypatch):
+    """The controller's poll interval and (one node) no preemption watcher, for the fit only; user values win."""
+    from lvm_ray.train import HEALTH_CHECK_INTERVAL_S, _ray_train_env
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    with _ray_train_env():
+        assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == HEALTH_CHECK_INTERVAL_S
+        assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # the session's cluster is one node
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    with _ray_train_env():
+        assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+
+
 def test_trainer_picks_gpus_and_nccl_when_asked(tmp_path):
     gpu = build_trainer(make_config("data", str(tmp_path / "run"), "lvm-cpu", use_gpu=True, num_workers=4), {})
     assert gpu.scaling_config.use_gpu and gpu.scaling_config.num_workers == 4
