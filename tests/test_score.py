@@ -124,8 +124,12 @@ def test_ctrl_c_ends_scoring_in_one_line_and_the_rerun_completes(cohort, checkpo
     out = tmp_path / "preds"
     script = textwrap.dedent(
         f"""
+        import signal
         import time
         from lvm_ray.cli import app
+
+        # As a terminal's foreground job has it (a shell's background job, e.g. CI, inherits SIGINT ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from lvm_ray.predict import Predictor
 
         load = Predictor.from_checkpoint
