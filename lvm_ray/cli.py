@@ -236,7 +236,7 @@ def rules(
     try:
         result = measure_rules(data, out, RulesConfig(comparison=comparison), address=address, verbose=verbose)
     except (StoreError, ClusterError) as exc:
-        _fail(str(exc))
+        _fail(_one_line(exc))
     typer.echo(f"rules -> {result.out}\n  ECGs         : {result.n} ({result.n_measurable} measurable)")
     for flag, share in result.prevalence.items():
         typer.echo(f"  {flag:<26s}{share:6.1%}")
@@ -440,7 +440,7 @@ def score(
             rules=False if no_rules else rules if rules is not None else True,
         )
     except (ScoringError, StoreError, CheckpointError, ClusterError) as exc:
-        _fail(str(exc))
+        _fail(_one_line(exc))  # a worker's error arrives with Ray Data's retry advice appended
     typer.echo(format_summary(result))
 
 

@@ -70,7 +70,9 @@ def measure_rules(
     new table is written beside it and moved into place when complete). Anything else there is
     refused, never deleted.
     """
-    from lvm_ray.ray_utils import cpu_cores, ensure_connected, shard_paths_dataset
+    import ray
+
+    from lvm_ray.ray_utils import cpu_cores, ensure_connected, shard_paths_dataset, worker_error
 
     started = time.time()
     n_shards = len(store.read_manifest(data)["shards"])
@@ -79,14 +81,17 @@ def measure_rules(
     dataset = shard_paths_dataset(data)
     tmp = store.temporary_sibling(out)
     try:
-        dataset.map_batches(
-            rules_of_shards,
-            fn_kwargs={"data": data, "config": config, "batch_size": batch_size},
-            batch_size=1,  # one shard per task
-            batch_format="pyarrow",
-            num_cpus=1,
-            concurrency=min(cpu_cores(), n_shards),
-        ).write_parquet(tmp, mode="error")
+        try:
+            dataset.map_batches(
+                rules_of_shards,
+                fn_kwargs={"data": data, "config": config, "batch_size": batch_size},
+                batch_size=1,  # one shard per task
+                batch_format="pyarrow",
+                num_cpus=1,
+                concurrency=min(cpu_cores(), n_shards),
+            ).write_parquet(tmp, mode="error")
+        except ray.exceptions.RayError as exc:  # e.g. a task found a shard unreadable: its own line
+            raise (worker_error(exc, (store.StoreError,)) or exc) from None
         table = read_rules(tmp)
         store.write_json(
             store.join_url(tmp, store.OUTPUT_MARKERS["rules"]),

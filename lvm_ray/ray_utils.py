@@ -106,6 +106,9 @@ def ensure_connected(
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = verbose
     context.print_on_execution_start = verbose
+    # A worker's own exception (an unreadable shard's StoreError), not Ray Data's UserCodeException,
+    # whose cause does not survive the trip to the driver: stages turn it into their one line.
+    context.raise_original_map_exception = True
     if not verbose:
         for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -235,6 +238,19 @@ def resolve_gpu(use_gpu: bool | None, workers: int = 1, stage: str = "this stage
             flush=True,
         )
     return True
+
+
+def worker_error(exc: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``types`` that a worker raised under ``exc`` (Ray wraps it in a
+    RayTaskError, Ray Data in a UserCodeException), so a stage can re-raise it as its one line."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, types) and not isinstance(current, ray.exceptions.RayError):
+            return current
+        seen.add(id(current))
+        current = getattr(current, "cause", None) or current.__cause__
+    return None
 
 
 def shard_paths_dataset(root: str) -> ray.data.Dataset:

@@ -420,7 +420,7 @@ def score(
     """
     from ray.data import ActorPoolStrategy
 
-    from lvm_ray.ray_utils import ensure_connected, read_ecg_dataset, resolve_gpu, shard_paths_dataset
+    from lvm_ray.ray_utils import ensure_connected, read_ecg_dataset, resolve_gpu, shard_paths_dataset, worker_error
 
     started = time.time()
     manifest = store.read_manifest(data)
@@ -502,7 +502,10 @@ def score(
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
         )
-        began, first_part = _write_parts(results, out, Progress(n_total, "score", initial=len(done_ids)))
+        try:
+            began, first_part = _write_parts(results, out, Progress(n_total, "score", initial=len(done_ids)))
+        except ray.exceptions.RayError as exc:  # e.g. an actor found a shard unreadable: its own line
+            raise (worker_error(exc, (store.StoreError, ScoringError)) or exc) from None
     scored_ids, _ = existing_predictions(out)
     result = ScoreResult(
         out=out,

@@ -290,10 +290,13 @@ def iter_row_groups(root: str, relative_path: str, columns: Sequence[str] | None
     """One shard a row group (256 ECGs) at a time, decoded on the calling thread: a consumer with
     one core holds ~30 MB of waveforms instead of the whole shard and its decode buffers."""
     fs, path = filesystem(join_url(root, relative_path))
-    with fs.open(path, "rb") as f:
-        shard = pq.ParquetFile(f)
-        for index in range(shard.num_row_groups):
-            yield shard.read_row_group(index, columns=list(columns) if columns else None, use_threads=False)
+    try:
+        with fs.open(path, "rb") as f:
+            shard = pq.ParquetFile(f)
+            for index in range(shard.num_row_groups):
+                yield shard.read_row_group(index, columns=list(columns) if columns else None, use_threads=False)
+    except (OSError, pa.ArrowException) as exc:
+        raise _unreadable_shard(join_url(root, relative_path), exc) from None
 
 
 def remove(root: str, relative_path: str) -> None:
@@ -322,8 +325,17 @@ def dataset_schema(root: str) -> pa.Schema:
     if not urls:
         raise StoreError(f"{root} has no shards")
     fs, path = filesystem(urls[0])
-    with fs.open(path, "rb") as f:
-        return pq.read_schema(f)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_schema(f)
+    except (OSError, pa.ArrowException) as exc:
+        raise _unreadable_shard(urls[0], exc) from None
+
+
+def _unreadable_shard(url: str, exc: BaseException) -> StoreError:
+    """One line for a shard that is gone, truncated or replaced since its manifest was written."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return StoreError(f"shard {url} cannot be read ({reason}); the dataset changed after it was written: re-create it")
 
 
 def read_quarantine(root: str) -> pd.DataFrame:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,3 +271,28 @@ def test_score_reuses_a_rules_table_or_skips_the_rules(cohort, checkpoint, tmp_p
     # A folder holds rule columns for every row or for none.
     with pytest.raises(ScoringError, match="without the voltage-rule columns; pass --no-rules"):
         score(cohort, checkpoint, str(tmp_path / "none"), rules=table)
+
+
+def test_an_unreadable_shard_stops_score_and_rules_in_one_line(cohort, checkpoint, tmp_path, ray_cluster):
+    """A shard truncated after its manifest was written (read by an actor, or first, by the driver):
+    one line naming it, from score and from rules, and nothing of the user's deleted."""
+    from typer.testing import CliRunner
+
+    from lvm_ray.cli import app
+
+    for which in (-1, 0):  # the last shard (read in a worker), the first (its schema read by the driver)
+        broken = tmp_path / f"broken{which}"
+        shutil.copytree(cohort, broken)
+        shard = broken / store.read_manifest(str(broken))["shards"][which]["path"]
+        shard.write_bytes(shard.read_bytes()[:1000])
+        for command in (
+            ["score", "--data", str(broken), "--checkpoint", checkpoint, "--out", str(tmp_path / f"preds{which}")],
+            ["rules", "--data", str(broken), "--out", str(tmp_path / f"rules{which}")],
+        ):
+            result = CliRunner().invoke(app, command)
+            lines = result.output.strip().splitlines()
+            assert result.exit_code == 2, result.output
+            assert lines[-1].startswith(f"error: shard {shard} cannot be read"), result.output
+            assert "re-create it" in lines[-1] and "Traceback" not in result.output
+        assert len(list((broken / "shards").glob("*.parquet"))) == 4  # the dataset is left as it was
+        assert not (tmp_path / f"rules{which}").exists()
