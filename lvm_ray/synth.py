@@ -56,8 +56,10 @@ matrix", J Electrocardiol 1988;21:361-7 (it is the pseudo-inverse of the Dower m
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -875,6 +877,11 @@ def _generate_block(
     return ecg, {**columns, **extras}, followup
 
 
+def _local_cores() -> int:
+    """This process's usable cores (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _generate(
     n: int, seed: int, start_index: int, config: SynthConfig, waveforms: bool
 ) -> tuple[np.ndarray | None, pd.DataFrame, pd.DataFrame]:
@@ -884,13 +891,19 @@ def _generate(
     tables: list[pd.DataFrame] = []
     followups: list[pd.DataFrame] = []
     block = max(1, config.block_size)
-    for lo in range(0, max(n, 1), block):  # an empty batch still builds (and then drops) one row
-        indices = np.arange(start_index + lo, start_index + max(min(n, lo + block), lo + 1))
-        ecg, columns, followup = _generate_block(seed, indices, config, waveforms)
-        if ecg is not None:
-            ecgs.append(ecg)
-        tables.append(pd.DataFrame(columns))
-        followups.append(pd.DataFrame(followup))
+    # An empty batch still builds (and then drops) one row.
+    blocks = [
+        np.arange(start_index + lo, start_index + max(min(n, lo + block), lo + 1)) for lo in range(0, max(n, 1), block)
+    ]
+    threads = min(len(blocks), _local_cores()) if waveforms else 1
+    # Blocks are independent (per-person streams) and their bulk (FFTs, array arithmetic, random
+    # fills) runs in NumPy without the GIL, so threads use every core; the output is identical.
+    with ThreadPoolExecutor(threads) as pool:
+        for ecg, columns, followup in pool.map(lambda idx: _generate_block(seed, idx, config, waveforms), blocks):
+            if ecg is not None:
+                ecgs.append(ecg)
+            tables.append(pd.DataFrame(columns))
+            followups.append(pd.DataFrame(followup))
     table = pd.concat(tables, ignore_index=True).iloc[:n]
     table["bad_lead"] = pd.Series(
         [INDEPENDENT_LEADS[i] if i >= 0 else None for i in table["bad_lead"]], index=table.index, dtype=object
@@ -970,6 +983,37 @@ def extra_fields() -> list[pa.Field]:
 _SUMMARY_COLUMNS = ("sex", "lv_mass_g", "bsa_m2")
 
 
+def _batches_ahead(n: int, seed: int, chunk_size: int, config: SynthConfig) -> Iterator[SynthBatch]:
+    """People 0..n-1 in chunks, the next chunk generated (in a thread) while the caller writes this
+    one: Parquet encoding also runs without the GIL. At most two chunks are held."""
+    chunks = [(lo, min(chunk_size, n - lo)) for lo in range(0, n, max(1, chunk_size))]
+    with ThreadPoolExecutor(1) as ahead:
+        pending = [ahead.submit(generate_batch, size, seed, lo, config) for lo, size in chunks[:1]]
+        for lo, size in chunks[1:]:
+            pending.append(ahead.submit(generate_batch, size, seed, lo, config))
+            yield pending.pop(0).result()
+        if pending:
+            yield pending.pop(0).result()
+
+
+def _write_chunk(writer: Any, batch: SynthBatch) -> np.ndarray:
+    """Write the ECGs of ``batch`` that pass the quality checks, quarantine the rest; the kept mask."""
+    from lvm_ray.signals import Rejection, check_quality
+
+    reasons = [check_quality(e.astype(np.float64)) for e in batch.ecg]
+    keep = np.array([r is None for r in reasons], dtype=bool)
+    if not keep.all():  # never expected; quarantined rather than silently dropped
+        writer.quarantine(
+            [
+                Rejection(ecg_id, uri, "synthetic", reason)
+                for ecg_id, uri, reason in zip(batch.table.ecg_id, batch.table.source_uri, reasons, strict=True)
+                if reason
+            ]
+        )
+    writer.write(batch.table.loc[keep].reset_index(drop=True), batch.ecg[keep])
+    return keep
+
+
 def write_cohort(
     n: int,
     seed: int,
@@ -988,7 +1032,6 @@ def write_cohort(
     ``out/followup.parquet`` and ``out/truth.json``. Memory stays bounded by ``chunk_size``.
     Returns a summary: n, LVH prevalence by sex, LV mass mean/SD, incident events per outcome, seconds.
     """
-    from lvm_ray.signals import Rejection, check_quality
     from lvm_ray.store import DatasetWriter, join_url, write_json, write_table
 
     started = time.perf_counter()
@@ -997,20 +1040,9 @@ def write_cohort(
     stats: list[pd.DataFrame] = []
     rejected = 0
     done = 0
-    for lo in range(0, n, max(1, chunk_size)):
-        batch = generate_batch(min(chunk_size, n - lo), seed, lo, config)
-        reasons = [check_quality(e.astype(np.float64)) for e in batch.ecg]
-        keep = np.array([r is None for r in reasons])
-        if not keep.all():  # never expected; quarantined rather than silently dropped
-            writer.quarantine(
-                [
-                    Rejection(ecg_id, uri, "synthetic", reason)
-                    for ecg_id, uri, reason in zip(batch.table.ecg_id, batch.table.source_uri, reasons, strict=True)
-                    if reason
-                ]
-            )
-            rejected += int((~keep).sum())
-        writer.write(batch.table.loc[keep].reset_index(drop=True), batch.ecg[keep])
+    for batch in _batches_ahead(n, seed, chunk_size, config):
+        keep = _write_chunk(writer, batch)
+        rejected += int((~keep).sum())
         followups.append(batch.followup.loc[keep])
         stats.append(batch.table.loc[keep, list(_SUMMARY_COLUMNS)])
         done += len(batch.table)
