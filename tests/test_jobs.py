@@ -76,11 +76,14 @@ def ray_head(tmp_path_factory):
     try:
         yield f"http://127.0.0.1:{dashboard_port}", env, temp_dir
     finally:
+        # Ray's own shutdown of a --block head takes about 30 s here (it waits on each process in
+        # turn); the cluster is this test's alone, so after a short grace period it is killed.
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
