@@ -68,6 +68,11 @@ PROXY_ENVIRONMENT: dict[str, dict[str, str]] = {
     "serve": {},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }
+#: Behind HAProxy a stopping replica stays reachable this long (Ray's default: 30 s) so that load
+#: balancers can deregister it first. For the Ray ``lvm-ray serve`` embeds, which stops as a whole,
+#: that window only made Ctrl-C take 34 s; there it is 1 s unless you set it yourself.
+HAPROXY_DRAIN_VARIABLE = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+EMBEDDED_HAPROXY_DRAIN_S = "1"
 
 
 @dataclass(frozen=True)
@@ -303,6 +308,8 @@ def use_proxy(proxy: str) -> bool:
     for name in {n for env in PROXY_ENVIRONMENT.values() for n in env}:
         os.environ.pop(name, None)
     os.environ.update(PROXY_ENVIRONMENT[proxy])
+    if proxy == "haproxy":
+        os.environ.setdefault(HAPROXY_DRAIN_VARIABLE, EMBEDDED_HAPROXY_DRAIN_S)
     return True
 
 

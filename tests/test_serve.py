@@ -731,6 +731,31 @@ def test_the_serve_benchmark_reports_both_servers_and_bodies(tmp_path):
     assert report["plain_fastapi_workers"] == 2
 
 
+def test_haproxy_on_an_embedded_ray_drains_for_1_s_unless_you_set_it() -> None:
+    """Ray's 30 s deregistration window made Ctrl-C on `lvm-ray serve --proxy haproxy` take 34 s."""
+    from lvm_ray.serve import EMBEDDED_HAPROXY_DRAIN_S, HAPROXY_DRAIN_VARIABLE
+
+    # In a child process: this one runs the session's Ray, where use_proxy rightly does nothing.
+    script = f"""
+import json, os
+from lvm_ray.serve import use_proxy
+def case(**env):
+    for name in ("RAY_SERVE_ENABLE_HA_PROXY", {HAPROXY_DRAIN_VARIABLE!r}, "RAY_ADDRESS", "LVM_RAY_ADDRESS"):
+        os.environ.pop(name, None)
+    os.environ.update(env)
+    get = os.environ.get
+    return [use_proxy("haproxy"), get("RAY_SERVE_ENABLE_HA_PROXY"), get({HAPROXY_DRAIN_VARIABLE!r})]
+print(json.dumps([case(), case({HAPROXY_DRAIN_VARIABLE}="12"), case(RAY_ADDRESS="127.0.0.1:1")]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    embedded, yours, joining = json.loads(proc.stdout)
+    assert embedded == [True, "1", EMBEDDED_HAPROXY_DRAIN_S]
+    assert yours == [True, "1", "12"]  # a value you set wins
+    # Joining a cluster: its front end and drain are set where the cluster is started.
+    assert joining == [False, None, None]
+
+
 def test_cli_refuses_an_unknown_proxy_in_one_line(tmp_path) -> None:
     from typer.testing import CliRunner
 
