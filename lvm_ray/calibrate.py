@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from lvm_ray import __version__, store
 from lvm_ray.conformal import DEFAULT_LEVEL, CalibrationError, check_level, fit_calibration, min_calibration_size
@@ -32,6 +34,11 @@ CALIBRATED_TARGET = "lv_mass_g"
 
 class CalibrateError(ValueError):
     """The run or the data cannot be calibrated (the message names the problem)."""
+
+
+def calibrates(preset: Preset) -> bool:
+    """Whether a model of ``preset`` gets prediction intervals (an LV mass regression)."""
+    return preset.target.column == CALIBRATED_TARGET and preset.target.task == "regression"
 
 
 @dataclass
@@ -107,13 +114,16 @@ def calibrate(
     loader: Callable[[], Any] | None = None,
     stage: str = "calibrate",
     verbose: bool = False,
+    predictions: Mapping[str, np.ndarray] | None = None,
 ) -> CalibrateResult:
     """Fit the conformal calibration of RUN's model on the labelled ECGs of DATA and store it in RUN/model.pt.
 
     ``split``: calibrate only on that split of RUN/split.parquet ('val', 'test'); default: every
     labelled row of DATA (refused if DATA holds the run's training rows). ``level``: the default
-    interval level stored with it (scoring may choose another). Everything that can be checked
-    without Ray is checked first (CalibrateError, CheckpointError, StoreError).
+    interval level stored with it (scoring may choose another). ``predictions``: the model's
+    :func:`lvm_ray.train.split_predictions` on those rows when the caller already has them (``train``
+    predicts its validation and test splits in one read); otherwise DATA is read here. Everything
+    that can be checked without Ray is checked first (CalibrateError, CheckpointError, StoreError).
     """
     from lvm_ray.predict import model_version
     from lvm_ray.ray_utils import ensure_connected
@@ -124,7 +134,7 @@ def calibrate(
     model_url = store.join_url(run, MODEL_FILE)
     payload = read_payload(model_url)
     preset = Preset.from_dict(payload["preset"])
-    if preset.target.column != CALIBRATED_TARGET or preset.target.task != "regression":
+    if not calibrates(preset):
         raise CalibrateError(
             f"{run} predicts {preset.target.column} ({preset.target.task}); intervals are calibrated for LV mass models"
         )
@@ -133,8 +143,12 @@ def calibrate(
         raise CalibrateError(f"{data} has no {CALIBRATED_TARGET} column: calibration needs CMR LV mass labels")
     ids, split = _rows_to_use(run, data, split)
     version = model_version(payload)
-    ensure_connected(address, verbose=verbose)
-    arrays = split_predictions(model_url, data, ids, address=address, loader=loader)
+    if predictions is None:
+        ensure_connected(address, verbose=verbose)
+        arrays = split_predictions(model_url, data, ids, address=address, loader=loader)
+    else:  # only the rows chosen above, whatever else the caller predicted
+        keep = np.array([ids is None or str(i) in ids for i in predictions["ecg_id"]], dtype=bool)
+        arrays = {k: np.asarray(v)[keep] for k, v in predictions.items()}
     provenance = {
         "stage": stage,
         "data": data,
@@ -179,22 +193,24 @@ def _refresh_model_card(run: str) -> None:
         write_model_card(run)
 
 
-def calibrate_after_training(run: str, data: str, address: str | None = None) -> dict[str, Any] | None:
+def calibrate_after_training(
+    run: str, data: str, address: str | None = None, predictions: Mapping[str, np.ndarray] | None = None
+) -> dict[str, Any] | None:
     """The end of ``train``: calibrate the best model on the validation split; its summary, or None.
 
     Models of another target have no intervals; a validation split without usable labels is
     logged, not fatal (the run is still usable, and `lvm-ray calibrate` can add them later).
+    ``predictions``: the model's predictions of (at least) the validation split, when at hand.
     """
     payload = read_payload(store.join_url(run, MODEL_FILE))
-    target = Preset.from_dict(payload["preset"]).target
-    if target.column != CALIBRATED_TARGET or target.task != "regression":
+    if not calibrates(Preset.from_dict(payload["preset"])):
         return None
     try:
-        result = calibrate(run, data, split="val", address=address, stage="train")
+        result = calibrate(run, data, split="val", address=address, stage="train", predictions=predictions)
     except CalibrateError as exc:
         log.warning("no prediction intervals for %s: %s", run, exc)
         return None
     return result.calibration
 
 
-__all__ = ["CalibrateError", "CalibrateResult", "calibrate", "calibrate_after_training"]
+__all__ = ["CalibrateError", "CalibrateResult", "calibrate", "calibrate_after_training", "calibrates"]

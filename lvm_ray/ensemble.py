@@ -137,7 +137,7 @@ def train_ensemble(
     many as the cluster's CPUs, or GPUs, allow). Returns the ensemble's result (also in RUN/run.json).
     """
     from lvm_ray.ray_utils import ensure_connected
-    from lvm_ray.train import evaluate_run, train
+    from lvm_ray.train import evaluate_splits, train
 
     if isinstance(size, bool) or not isinstance(size, int) or size < 2:
         raise TrainError(f"an ensemble needs at least 2 members, got {size!r} (one member is a plain run)")
@@ -209,16 +209,18 @@ def train_ensemble(
     model_url = store.join_url(run, MODEL_FILE)
     runs = [f"{MEMBERS_DIR}/{i}" for i in range(size)]
     write_payload(model_url, ensemble_payload(payloads, runs=runs, kind=MEMBER_KIND))
-    # The ensemble's own validation metrics (averaged outputs), stored in its checkpoint like a run's.
-    val_metrics = {k: v for k, v in evaluate_run(run, data, which="val", address=address).items() if k != "split"}
+    # The ensemble's own validation metrics (averaged outputs), stored in its checkpoint like a run's;
+    # its calibration and test metrics come from the same read of DATA.
+    first = results[0]
+    with_test = evaluate_test and first.split_counts.get("test", 0) > 0
+    evaluated = evaluate_splits(run, data, ["val", "test"] if with_test else ["val"], address=address)
+    val_metrics = {k: v for k, v in evaluated["val"].metrics.items() if k != "split"}
     write_payload(model_url, ensemble_payload(payloads, runs=runs, metrics=val_metrics, kind=MEMBER_KIND))
     from lvm_ray.calibrate import calibrate_after_training
 
-    calibration = calibrate_after_training(run, data, address=address)
-    first = results[0]
-    test_metrics = None
-    if evaluate_test and first.split_counts.get("test", 0) > 0:
-        test_metrics = evaluate_run(run, data, which="test", address=address)
+    calibration = calibrate_after_training(run, data, address=address, predictions=evaluated["val"].predictions)
+    test_metrics = evaluated["test"].metrics if with_test else None
+    if test_metrics is not None:
         store.write_json(store.join_url(run, TEST_METRICS_FILE), test_metrics)
     members = [
         {

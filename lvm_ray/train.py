@@ -575,13 +575,17 @@ def train(
         ),
     )
     store.write_text(_url(run, METRICS_FILE), history_text(state["history"]))
-    # Prediction intervals and P(LVH), calibrated on the validation split (lvm_ray.calibrate).
-    from lvm_ray.calibrate import calibrate_after_training
+    # Prediction intervals and P(LVH), calibrated on the validation split (lvm_ray.calibrate), and
+    # the test split's metrics: both from one read of DATA through the best model.
+    from lvm_ray.calibrate import calibrate_after_training, calibrates
 
-    calibration = calibrate_after_training(run, data, address=address)
-    test_metrics = None
-    if evaluate_test and counts["test"] > 0:
-        test_metrics = evaluate_run(run, data, which="test")
+    wanted = [name for name, needed in (("val", calibrates(cfg.preset)), ("test", evaluate_test)) if needed]
+    evaluated = evaluate_splits(run, data, [w for w in wanted if counts[w] > 0], address)
+    calibration = None
+    if "val" in evaluated:
+        calibration = calibrate_after_training(run, data, address, predictions=evaluated["val"].predictions)
+    test_metrics = evaluated["test"].metrics if "test" in evaluated else None
+    if test_metrics is not None:
         store.write_json(_url(run, TEST_METRICS_FILE), test_metrics)
     rates = [h["train_samples_per_s"] for h in state["history"] if "train_samples_per_s" in h]
     first_batch = [h["first_batch_time"] for h in state["history"] if "first_batch_time" in h]
@@ -720,6 +724,45 @@ def split_predictions(
     return _concat(list(ds.iter_batches(batch_size=4096, batch_format="numpy")))
 
 
+@dataclasses.dataclass
+class SplitEvaluation:
+    """RUN's best model on one of its splits: per-ECG predictions (:data:`PREDICTION_KEYS`) and metrics."""
+
+    split: str
+    predictions: dict[str, np.ndarray]
+    metrics: dict[str, Any]  # {"split": ..., **lvm_ray.fitting.target_metrics}
+
+
+def evaluate_splits(
+    run: str,
+    data: str,
+    splits: Sequence[str],
+    address: str | None = None,
+    loader: Callable[[], Any] | None = None,
+) -> dict[str, SplitEvaluation]:
+    """RUN's best model on several of its splits (as RUN/split.parquet assigned them), in one read of DATA."""
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise TrainError(f"unknown split {unknown[0]!r}; one of {', '.join(SPLITS)}")
+    if not splits:
+        return {}
+    split_url = _url(run, SPLIT_FILE)
+    if not store.exists(split_url):
+        raise TrainError(f"no run at {run} (no {SPLIT_FILE})")
+    split_table = store.read_parquet(split_url)
+    ids = {name: ids_in_split(split_table, name) for name in splits}
+    preset = Preset.from_dict(read_payload(_url(run, MODEL_FILE))["preset"])
+    arrays = split_predictions(_url(run, MODEL_FILE), data, frozenset().union(*ids.values()), address, loader)
+    out = {}
+    for name, wanted in ids.items():
+        rows = np.array([str(i) in wanted for i in arrays["ecg_id"]], dtype=bool)
+        part = {k: v[rows] for k, v in arrays.items()}
+        lvh_prob = part["lvh_prob"] if preset.lvh_head else None
+        metrics = target_metrics(preset, part["pred"], part["true"], lvh_prob, part["lvh"])
+        out[name] = SplitEvaluation(name, part, {"split": name, **metrics})
+    return out
+
+
 def evaluate_run(
     run: str,
     data: str,
@@ -728,29 +771,21 @@ def evaluate_run(
     loader: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Metrics of RUN's best model on one of its splits (as RUN/split.parquet assigned them)."""
-    if which not in SPLITS:
-        raise TrainError(f"unknown split {which!r}; one of {', '.join(SPLITS)}")
-    split_url = _url(run, SPLIT_FILE)
-    if not store.exists(split_url):
-        raise TrainError(f"no run at {run} (no {SPLIT_FILE})")
-    ids = ids_in_split(store.read_parquet(split_url), which)
-    preset = Preset.from_dict(read_payload(_url(run, MODEL_FILE))["preset"])
-    arrays = split_predictions(_url(run, MODEL_FILE), data, ids, address, loader)
-    lvh_prob = arrays["lvh_prob"] if preset.lvh_head else None
-    metrics = target_metrics(preset, arrays["pred"], arrays["true"], lvh_prob, arrays["lvh"])
-    return {"split": which, **metrics}
+    return evaluate_splits(run, data, [which], address, loader)[which].metrics
 
 
 __all__ = [
     "RUN_OUTPUTS",
     "CheckpointError",
     "FaultInjection",
+    "SplitEvaluation",
     "TrainConfig",
     "TrainError",
     "TrainResult",
     "build_datasets",
     "build_trainer",
     "evaluate_run",
+    "evaluate_splits",
     "make_config",
     "split_predictions",
     "train",

@@ -14,6 +14,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from lvm_ray import store
+from lvm_ray.calibrate import calibrate
 from lvm_ray.cli import app
 from lvm_ray.conformal import Calibration, conformal_ranks
 from lvm_ray.evaluate import evaluate
@@ -155,7 +156,7 @@ def test_calibrate_refuses_what_it_cannot_do(cohorts, tmp_path, ray_cluster) -> 
 
 
 @pytest.mark.slow
-def test_training_calibrates_on_the_validation_split(trained_run) -> None:
+def test_training_calibrates_on_the_validation_split(trained_run, tmp_path) -> None:
     payload = read_payload(trained_run.run)
     calibration = Calibration.from_payload(payload["calibration"])
     prov = calibration.provenance
@@ -167,6 +168,22 @@ def test_training_calibrates_on_the_validation_split(trained_run) -> None:
     assert record["calibration"]["id"] == calibration.identity
     # An ECG-only network cannot see body size: the recalibration regression finds a BSA term.
     assert all(calibration.groups[s].coef is not None and calibration.groups[s].coef[2] > 0 for s in ("M", "F"))
+    # train took the validation predictions from the read it shared with the test split;
+    # `lvm-ray calibrate --split val` reads the validation split alone: the same intervals.
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.pt", "run.json", "split.parquet"):
+        shutil.copy(Path(trained_run.run) / name, run / name)
+    alone = Calibration.from_payload(
+        read_payload(calibrate(str(run), trained_run.data, split="val").model_path)["calibration"]
+    )
+    assert alone.provenance["n_by_group"] == prov["n_by_group"]
+    pred = np.linspace(80.0, 260.0, 50)
+    sex, bsa = np.where(np.arange(50) % 2 == 0, "M", "F"), np.linspace(1.5, 2.3, 50)
+    ours = calibration.predict(pred, sex, bsa, LVHConfig().thresholds_g_m2)
+    theirs = alone.predict(pred, sex, bsa, LVHConfig().thresholds_g_m2)
+    for key in ("lo", "hi", "lvh_prob"):
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, err_msg=key)
 
 
 HELDOUT_N = 4000
