@@ -269,30 +269,26 @@ def test_gpu_requests_are_checked_against_the_autoscalers_node_types(tmp_path: P
     assert "node types: head (CPU 2; up to 1), gpu-2x (CPU 8, GPU 2; up to 1)" in message and "\n" not in message
 
 
-@pytest.mark.slow
-def test_train_use_gpu_on_a_laptop_without_gpu_fails_in_one_line(tmp_path: Path) -> None:
-    """An embedded local Ray can never have a GPU: the CLI exits non-zero with one line naming
-    the cluster's resources, before any training starts, without a traceback."""
+def test_train_use_gpu_on_a_laptop_without_gpu_fails_in_one_line(tmp_path: Path, ray_cluster) -> None:
+    """An embedded local Ray (the test session's, started as `lvm-ray` starts one) can never have a
+    GPU: `lvm-ray train --use-gpu` exits non-zero with one line naming the cluster's resources,
+    before any training starts, without a traceback."""
+    from typer.testing import CliRunner
+
+    from lvm_ray.cli import app
     from lvm_ray.synth import write_cohort
 
     data = str(tmp_path / "cohort")
     write_cohort(120, 6, data, chunk_size=120)
-    env = {k: v for k, v in os.environ.items() if k != "LVM_RAY_ADDRESS"}
-    proc = subprocess.run(
-        [sys.executable, "jobs/train.py", "--data", data, "--run", str(tmp_path / "run"), "--use-gpu"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
+    result = CliRunner().invoke(app, ["train", "--data", data, "--run", str(tmp_path / "run"), "--use-gpu"])
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
     (error,) = errors
     assert error.startswith("error: --use-gpu: this Ray cluster has no GPU and cannot add one (")
     assert " 0 GPU" in error and " CPU" in error and "embedded local Ray" in error, error
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
 
 
