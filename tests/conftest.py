@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import HELDOUT_N
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 
@@ -44,7 +46,7 @@ class TrainedRun:
 
     data: str  # the training cohort (train / val / test splits by patient)
     run: str  # RUN folder: model.pt, run.json, split.parquet, ...
-    heldout: str  # an independent cohort (another seed), never seen in training
+    heldout: str  # an independent cohort (another seed, HELDOUT_N ECGs), never seen in training
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +59,6 @@ def trained_run(ray_cluster, tmp_path_factory) -> TrainedRun:
     root = tmp_path_factory.mktemp("trained")
     data, heldout, run = str(root / "cmr"), str(root / "heldout"), str(root / "run")
     write_cohort(1600, 21, data, chunk_size=400)
-    write_cohort(2000, 22, heldout, chunk_size=500)
+    write_cohort(HELDOUT_N, 22, heldout, chunk_size=1000)
     train(data, run, preset="lvm-cpu", num_workers=2, max_epochs=6, evaluate_test=False)
     return TrainedRun(data=data, run=run, heldout=heldout)
