@@ -747,7 +747,9 @@ def _noise_spectrum(d: _Draws, cfg: SynthConfig) -> np.ndarray:
     emg_shape = 1.0 / np.sqrt((1.0 + (lo / np.maximum(freqs, 1e-3)) ** 4) * (1.0 + (freqs / hi) ** 4))
     # Wander: 1/f below 0.6 Hz (respiration and electrode drift), nothing at DC.
     wander_shape = np.where((freqs > 0) & (freqs <= 0.6), 1.0 / np.maximum(freqs, 1e-3), 0.0)
-    spectrum = white * (scale(emg_shape, emg_rms * factor) + scale(wander_shape, wander_rms * factor))
+    shape = scale(emg_shape, emg_rms * factor)
+    shape += scale(wander_shape, wander_rms * factor)
+    spectrum = white * shape
     # Mains hum: one exact bin (the window holds a whole number of cycles) plus a 3rd harmonic.
     for harmonic, rel in ((1, 1.0), (3, 0.25)):
         k = int(round(harmonic * cfg.mains_hz * _NFFT / SAMPLE_RATE_HZ))
@@ -761,11 +763,15 @@ def _render(template8: np.ndarray, rotated8: np.ndarray, h: _Heart, d: _Draws, c
     """Beats placed on the 10-s grid plus noise: 8 independent leads [n, 8, N_SAMPLES] (uV)."""
     amp_train, rot_train = _beat_trains(h, d, cfg)
     noise = _noise_spectrum(d, cfg)
-    spectrum = (
-        np.fft.rfft(template8, _NFFT, axis=-1) * np.fft.rfft(amp_train, axis=-1)[:, None, :]
-        + np.fft.rfft(rotated8, _NFFT, axis=-1) * np.fft.rfft(rot_train, axis=-1)[:, None, :]
-        + noise
-    )
+    # template * amp + rotated * rot + noise, in place (the same operations in the same order:
+    # identical output, without four temporaries of [n, 8, _NBIN] complex numbers).
+    spectrum = np.fft.rfft(template8, _NFFT, axis=-1)
+    spectrum *= np.fft.rfft(amp_train, axis=-1)[:, None, :]
+    rotated = np.fft.rfft(rotated8, _NFFT, axis=-1)
+    rotated *= np.fft.rfft(rot_train, axis=-1)[:, None, :]
+    spectrum += rotated
+    del rotated
+    spectrum += noise
     # A beat with QRS onset at recording sample s has its impulse at L + s; its template sample
     # j (time j - PRE around the onset) lands at L + s + j = L + PRE + (recording sample). The
     # impulses sit in [0, NFFT - L), so the circular convolution never wraps a beat around.
