@@ -127,7 +127,7 @@ def calibrate(
     """
     from lvm_ray.predict import model_version
     from lvm_ray.ray_utils import ensure_connected
-    from lvm_ray.train import split_predictions
+    from lvm_ray.train import rows_of, split_predictions
 
     started = time.time()
     level = check_level(level)
@@ -147,8 +147,7 @@ def calibrate(
         ensure_connected(address, verbose=verbose)
         arrays = split_predictions(model_url, data, ids, address=address, loader=loader)
     else:  # only the rows chosen above, whatever else the caller predicted
-        keep = np.array([ids is None or str(i) in ids for i in predictions["ecg_id"]], dtype=bool)
-        arrays = {k: np.asarray(v)[keep] for k, v in predictions.items()}
+        arrays = rows_of(predictions, ids)
     provenance = {
         "stage": stage,
         "data": data,

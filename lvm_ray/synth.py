@@ -992,14 +992,14 @@ _SUMMARY_COLUMNS = ("sex", "lv_mass_g", "bsa_m2")
 def _batches_ahead(n: int, seed: int, chunk_size: int, config: SynthConfig) -> Iterator[SynthBatch]:
     """People 0..n-1 in chunks, the next chunk generated (in a thread) while the caller writes this
     one: Parquet encoding also runs without the GIL. At most two chunks are held."""
-    chunks = [(lo, min(chunk_size, n - lo)) for lo in range(0, n, max(1, chunk_size))]
     with ThreadPoolExecutor(1) as ahead:
-        pending = [ahead.submit(generate_batch, size, seed, lo, config) for lo, size in chunks[:1]]
-        for lo, size in chunks[1:]:
-            pending.append(ahead.submit(generate_batch, size, seed, lo, config))
-            yield pending.pop(0).result()
-        if pending:
-            yield pending.pop(0).result()
+        step = max(1, chunk_size)
+        futures = (ahead.submit(generate_batch, min(step, n - lo), seed, lo, config) for lo in range(0, n, step))
+        pending = next(futures, None)
+        while pending is not None:
+            following = next(futures, None)  # submitted before this chunk is handed over
+            yield pending.result()
+            pending = following
 
 
 def _write_chunk(writer: Any, batch: SynthBatch) -> np.ndarray:

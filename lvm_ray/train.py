@@ -724,6 +724,12 @@ def split_predictions(
     return _concat(list(ds.iter_batches(batch_size=4096, batch_format="numpy")))
 
 
+def rows_of(predictions: Mapping[str, np.ndarray], ids: frozenset[str] | None) -> dict[str, np.ndarray]:
+    """The rows of :func:`split_predictions` output whose ecg_id is in ``ids`` (None: all of them)."""
+    keep = np.array([ids is None or str(i) in ids for i in predictions["ecg_id"]], dtype=bool)
+    return {k: np.asarray(v)[keep] for k, v in predictions.items()}
+
+
 @dataclasses.dataclass
 class SplitEvaluation:
     """RUN's best model on one of its splits: per-ECG predictions (:data:`PREDICTION_KEYS`) and metrics."""
@@ -755,8 +761,7 @@ def evaluate_splits(
     arrays = split_predictions(_url(run, MODEL_FILE), data, frozenset().union(*ids.values()), address, loader)
     out = {}
     for name, wanted in ids.items():
-        rows = np.array([str(i) in wanted for i in arrays["ecg_id"]], dtype=bool)
-        part = {k: v[rows] for k, v in arrays.items()}
+        part = rows_of(arrays, wanted)
         lvh_prob = part["lvh_prob"] if preset.lvh_head else None
         metrics = target_metrics(preset, part["pred"], part["true"], lvh_prob, part["lvh"])
         out[name] = SplitEvaluation(name, part, {"split": name, **metrics})
@@ -787,6 +792,7 @@ __all__ = [
     "evaluate_run",
     "evaluate_splits",
     "make_config",
+    "rows_of",
     "split_predictions",
     "train",
     "train_func",
