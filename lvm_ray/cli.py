@@ -133,6 +133,10 @@ def synth(
         info = write_cohort(n, seed, out, chunk_size=chunk_size, progress=_progress("synth"), overwrite=overwrite)
     except StoreError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:  # a cohort is not resumed: the shards written so far are replaced
+        message = f"interrupted: {out} is incomplete; re-run with --overwrite to write it again"
+        typer.secho(message, err=True, fg="yellow")
+        raise typer.Exit(130) from None
     typer.echo(format_dataset_summary(dataset_summary(out)))
     typer.echo(f"  generated in {info.get('seconds', float('nan')):.1f} s; truth: {out.rstrip('/')}/truth.json")
 

@@ -405,3 +405,43 @@ def test_write_cohort_writes_shards_followup_and_truth(tmp_path):
     followup = store.read_any_table(f"{out}/followup.parquet")
     assert len(followup) == 30 and "hf_time_years" in followup.columns
     assert store.read_json(f"{out}/truth.json")["seed"] == 3
+
+
+def test_ctrl_c_during_synth_says_how_to_write_it_again_and_overwrite_does(tmp_path):
+    """Ctrl-C half-way: exit 130 and one line (a cohort is not resumed); --overwrite then rewrites it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from lvm_ray.cli import app
+    from lvm_ray.store import read_manifest
+
+    out = tmp_path / "cohort"
+    # The child restores Python's SIGINT handler: a background CI shell starts it with SIGINT ignored.
+    script = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); from lvm_ray.cli import app; app()"
+    )
+    command = [sys.executable, "-c", script, "synth", "--n", "20000", "--seed", "3", "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "shards").glob("*")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)  # half-way: the first shard is written
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    line = f"interrupted: {out} is incomplete; re-run with --overwrite to write it again"
+    assert stderr.strip().splitlines()[-1] == line
+    again = ["synth", "--n", "40", "--seed", "3", "--out", str(out), "--chunk-size", "20"]
+    refused = CliRunner().invoke(app, again)
+    assert refused.exit_code != 0 and "--overwrite" in refused.output and "Traceback" not in refused.output
+    rewritten = CliRunner().invoke(app, [*again, "--overwrite"])
+    assert rewritten.exit_code == 0, rewritten.output
+    assert read_manifest(str(out))["n_rows"] == 40
