@@ -44,6 +44,7 @@ from torch import nn
 
 from lvm_ray.presets import Preset, get_preset, prepare_covariates, prepare_input
 from lvm_ray.schema import LEADS, N_LEADS, N_SAMPLES, SAMPLE_RATE_HZ
+from lvm_ray.signals import decimation_taps
 
 if TYPE_CHECKING:  # matplotlib only for figures; the predictor for its type
     from matplotlib.figure import Figure
@@ -76,26 +77,6 @@ class ExplainError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=8)
-def _decimation_kernel(decimation: int) -> tuple[np.ndarray, int]:
-    """FIR taps and left padding such that a strided convolution equals scipy's resample_poly(x, 1, q).
-
-    Read off resample_poly itself (its response at one output sample to impulses around it), so
-    it follows whatever filter scipy designs; zero taps at the ends are trimmed.
-    """
-    from scipy.signal import resample_poly
-
-    q = decimation
-    reach = 30 * q  # scipy's filter has 10 * q taps each side: a wide margin
-    centre = q * (N_SAMPLES // (2 * q))
-    impulses = np.zeros((2 * reach + 1, N_SAMPLES))
-    impulses[np.arange(2 * reach + 1), centre - reach + np.arange(2 * reach + 1)] = 1.0
-    taps = resample_poly(impulses, 1, q, axis=-1)[:, centre // q]
-    support = np.flatnonzero(np.abs(taps) > 0)
-    first, last = int(support[0]), int(support[-1])
-    return taps[first : last + 1].astype(np.float32), reach - first
-
-
 class CanonicalInput(nn.Module):
     """``presets.prepare_input`` in torch: canonical uV float [n, 12, 5000] -> the preset's model input."""
 
@@ -106,7 +87,7 @@ class CanonicalInput(nn.Module):
         self.n_samples = spec.n_samples
         self.scale = float(spec.scale_uv)
         if self.decimation > 1:
-            taps, left = _decimation_kernel(self.decimation)
+            taps, left = decimation_taps(self.decimation)
             self.left = left
             self.right = max(0, len(taps) - 1 - left)
             self.register_buffer("taps", torch.from_numpy(taps).view(1, 1, -1).repeat(N_LEADS, 1, 1))

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from lvm_ray.lvh import LVHConfig, derive
 from lvm_ray.schema import N_LEADS, N_SAMPLES, SAMPLE_RATE_HZ
+from lvm_ray.signals import decimate
 
 Task = Literal["regression", "binary"]
 LossName = Literal["asymmetric_outlier", "logcosh", "mse", "bce"]
@@ -437,7 +437,7 @@ def preset_file_text(preset: Preset, yaml_format: bool = False) -> str:
 def prepare_input(ecg_int16: np.ndarray, preset: Preset | str) -> np.ndarray:
     """Canonical int16 microvolt waveforms [n, 12, 5000] (or one [12, 5000]) -> float32 model input.
 
-    Anti-aliased polyphase decimation to the preset's rate, the first ``n_samples``, then
+    Anti-aliased decimation to the preset's rate (:func:`lvm_ray.signals.decimate`), the first ``n_samples``, then
     division by ``scale_uv``. Used by training, scoring and serving alike.
     """
     spec = get_preset(preset).input
@@ -447,10 +447,7 @@ def prepare_input(ecg_int16: np.ndarray, preset: Preset | str) -> np.ndarray:
         x = x[None]
     if x.ndim != 3 or x.shape[1:] != (N_LEADS, N_SAMPLES):
         raise ValueError(f"expected canonical waveforms [n, {N_LEADS}, {N_SAMPLES}], got {tuple(np.shape(ecg_int16))}")
-    out = x.astype(np.float32)
-    if spec.decimation > 1:
-        out = resample_poly(out, 1, spec.decimation, axis=-1).astype(np.float32, copy=False)
-    out = out[..., : spec.n_samples]
+    out = decimate(x, spec.decimation)[..., : spec.n_samples]
     out = np.ascontiguousarray(out / np.float32(spec.scale_uv), dtype=np.float32)
     return out[0] if single else out
 

@@ -6,6 +6,7 @@ turns one into a canonical waveform or a :class:`Rejection` naming the reason.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -125,6 +126,75 @@ def resample_to_canonical(samples: np.ndarray, sample_rate_hz: float) -> np.ndar
         return samples
     ratio = Fraction(SAMPLE_RATE_HZ) / Fraction(sample_rate_hz).limit_denominator(1000)
     return resample_poly(samples, ratio.numerator, ratio.denominator, axis=-1, padtype="line")
+
+
+#: Outputs per matrix product in :func:`decimate` (a block of the banded filter matrix), and waveform
+#: rows per product (bounds the window copy at ~30 MB). Tuned on 1000 ECGs, 500 -> 100 Hz.
+_DECIMATE_OUTPUTS_PER_BLOCK = 24
+_DECIMATE_ROWS_PER_CHUNK = 768
+
+
+@functools.lru_cache(maxsize=8)
+def decimation_taps(decimation: int) -> tuple[np.ndarray, int]:
+    """FIR taps and left offset such that ``y[k] = sum_j taps[j] * x[q*k - left + j]`` (x zero outside)
+    equals ``scipy.signal.resample_poly(x, 1, q)``.
+
+    Read off resample_poly itself (its response at one output sample to impulses around it), so
+    it follows whatever filter scipy designs; zero taps at the ends are trimmed.
+    """
+    q = int(decimation)
+    reach = 30 * q  # scipy's filter has 10 * q taps each side: a wide margin
+    length = 4 * reach
+    centre = q * (length // (2 * q))
+    impulses = np.zeros((2 * reach + 1, length))
+    impulses[np.arange(2 * reach + 1), centre - reach + np.arange(2 * reach + 1)] = 1.0
+    taps = resample_poly(impulses, 1, q, axis=-1)[:, centre // q]
+    support = np.flatnonzero(np.abs(taps) > 0)
+    first, last = int(support[0]), int(support[-1])
+    taps = taps[first : last + 1].astype(np.float32)
+    taps.flags.writeable = False
+    return taps, reach - first
+
+
+@functools.lru_cache(maxsize=8)
+def _block_filter(decimation: int) -> np.ndarray:
+    """The banded matrix [window, outputs] mapping one input window to a block of outputs."""
+    taps, _ = decimation_taps(decimation)
+    q, block = decimation, _DECIMATE_OUTPUTS_PER_BLOCK
+    matrix = np.zeros((q * (block - 1) + len(taps), block), dtype=np.float32)
+    for r in range(block):
+        matrix[q * r : q * r + len(taps), r] = taps
+    matrix.flags.writeable = False
+    return matrix
+
+
+def decimate(x: np.ndarray, decimation: int) -> np.ndarray:
+    """Anti-aliased decimation of the last axis by an integer factor, as float32.
+
+    The same filter, alignment and zero-padded edges as ``scipy.signal.resample_poly(x, 1, q)``
+    (equal to float32 rounding), computed as blocked matrix products on BLAS: about 3x faster
+    than resample_poly, whose loop is the cost of preparing 100 Hz model inputs.
+    """
+    q = int(decimation)
+    x = np.asarray(x)
+    if q == 1:
+        return x.astype(np.float32)
+    taps, left = decimation_taps(q)
+    matrix = _block_filter(q)
+    window, block = matrix.shape
+    n = x.shape[-1]
+    n_out = -(-n // q)
+    blocks = -(-n_out // block)
+    rows = x.reshape(-1, n)
+    out = np.empty((len(rows), blocks * block), dtype=np.float32)
+    padded = np.zeros((min(len(rows), _DECIMATE_ROWS_PER_CHUNK), q * block * (blocks - 1) + window), np.float32)
+    for start in range(0, len(rows), _DECIMATE_ROWS_PER_CHUNK):
+        chunk = rows[start : start + _DECIMATE_ROWS_PER_CHUNK]
+        buffer = padded[: len(chunk)]
+        buffer[:, left : left + n] = chunk  # the zeros either side are never written
+        windows = np.lib.stride_tricks.sliding_window_view(buffer, window, axis=-1)[:, :: q * block]
+        out[start : start + len(chunk)] = np.matmul(windows, matrix).reshape(len(chunk), -1)
+    return out[:, :n_out].reshape(*x.shape[:-1], n_out)
 
 
 def check_quality(ecg_uv: np.ndarray, config: QualityConfig = QualityConfig()) -> str | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import wfdb
+from scipy.signal import resample_poly
 
 from lvm_ray.formats import read_ecg
 from lvm_ray.lvh import LVHConfig, body_surface_area, lv_mass_index, lvh_from_lvmi
@@ -18,6 +19,7 @@ from lvm_ray.signals import (
     canonical_waveform,
     check_quality,
     complete_leads,
+    decimate,
     normalise_lead_name,
     resample_to_canonical,
 )
@@ -67,6 +69,32 @@ def test_decimation_removes_content_above_the_new_nyquist():
     t = np.arange(10_000) / fs
     out = resample_to_canonical(500 * np.sin(2 * np.pi * 400 * t), fs)  # 400 Hz aliases without a filter
     assert np.abs(out[100:-100]).max() < 25
+
+
+@pytest.mark.parametrize("q", [2, 5, 10])
+@pytest.mark.parametrize("n", [5000, 4999, 1003, 37])
+def test_decimate_equals_scipy_resample_poly(q, n):
+    # The blocked matrix products compute resample_poly's filter, alignment and zero edges.
+    rng = np.random.default_rng(q * 10_000 + n)
+    ecg = np.cumsum(rng.normal(0, 40, size=(3, 12, n)), axis=-1).clip(-32000, 32000).astype(np.int16)
+    expected = resample_poly(ecg.astype(np.float32), 1, q, axis=-1)
+    got = decimate(ecg, q)
+    assert got.dtype == np.float32 and got.shape == expected.shape == (3, 12, -(-n // q))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(ecg).max())
+    np.testing.assert_allclose(decimate(ecg[1, 4], q), expected[1, 4], rtol=0, atol=1e-6 * np.abs(ecg).max())
+
+
+def test_decimate_across_row_chunks():
+    # More rows than one matrix product takes: every chunk, the last one short, lands in place.
+    rng = np.random.default_rng(7)
+    ecg = rng.integers(-3000, 3000, size=(70, 12, 300)).astype(np.int16)
+    np.testing.assert_allclose(decimate(ecg, 5), resample_poly(ecg.astype(np.float32), 1, 5, axis=-1), atol=0.01)
+
+
+def test_decimate_by_one_is_a_float_copy():
+    ecg = np.arange(24, dtype=np.int16).reshape(2, 12)
+    out = decimate(ecg, 1)
+    assert out.dtype == np.float32 and np.array_equal(out, ecg) and not np.shares_memory(out, ecg)
 
 
 def test_canonical_waveform_quantises_and_completes_8_leads():
