@@ -2,9 +2,10 @@
 
 Two ways, chosen by size (:func:`should_cache`):
 
-- **Cached** (the inputs take under a quarter of the object store): one Ray task per shard reads
-  it once and preprocesses the rows of both splits into the object store (:class:`CachedInputs`).
-  The tasks start before the Train workers, so the read overlaps their start-up. Each worker
+- **Cached** (the inputs take under a quarter of the object store): Ray tasks, one per CPU left
+  beside the Train workers, each read a share of the shards once and preprocess the rows of both
+  splits into the object store (:class:`CachedInputs`). The tasks start before the Train workers
+  and leave their CPUs free, so the read overlaps their start-up. Each worker
   then takes its rows (every W-th ECG of a split in ecg_id order: the same rows every run, the
   counts equal to one row) into memory as tensors and batches from there every epoch
   (:func:`lvm_ray.fitting.memory_batches`); a restarted worker takes them again from the object
@@ -24,7 +25,7 @@ import pandas as pd
 import torch
 
 from lvm_ray import store
-from lvm_ray.inputs import featurize, featurize_shard, input_columns
+from lvm_ray.inputs import featurize, featurize_shards, input_columns
 from lvm_ray.presets import Preset
 from lvm_ray.runs import TrainConfig, columns_present
 from lvm_ray.splits import SPLIT_CODES, ids_in_split
@@ -53,40 +54,58 @@ def should_cache(cfg: TrainConfig, rows: int) -> bool:
     return cached_input_bytes(cfg, rows) < store_bytes * CACHE_SHARE
 
 
-# --- cached: one task per shard, the worker's rows in memory ----------------------------------------
+# --- cached: a few tasks read the shards, the worker's rows in memory -------------------------------
+
+
+def read_tasks(cfg: TrainConfig, n_shards: int) -> int:
+    """Tasks that read and preprocess the shards: the cluster's CPUs (on an embedded Ray, this
+    machine's cores) free besides the Train workers, at least one and at most one per shard, each
+    taking a share of the shards in turn.
+
+    One task per shard would take the workers' CPUs, so their start would wait for the reads
+    instead of running beside them; and each task process pays its imports (~2 s) again.
+    """
+    import ray
+
+    from lvm_ray.ray_utils import cpu_cores
+
+    cpus = min(ray.available_resources().get("CPU", 0), cpu_cores())  # an embedded Ray: the real cores
+    return max(1, min(n_shards, int(cpus - cfg.num_workers * cfg.cpus_per_worker)))
 
 
 @dataclass(frozen=True)
 class CachedInputs:
-    """The preprocessed train and val inputs in the object store: one entry per shard (Ray ObjectRefs).
+    """The preprocessed train and val inputs in the object store: one entry per read task (Ray ObjectRefs,
+    each a list of its shards' inputs).
 
     ``counts``: the rows of each split the shards hold (the labelled ECGs of RUN/split.parquet).
     """
 
-    shards: tuple[Any, ...]
+    tasks: tuple[Any, ...]
     counts: Mapping[str, int]
 
     @classmethod
     def submit(cls, cfg: TrainConfig, split_table: pd.DataFrame) -> CachedInputs:
-        """Start one read-and-preprocess task per shard (returns at once; :meth:`wait` waits)."""
+        """Start the read-and-preprocess tasks, :func:`read_tasks` of them (returns at once; :meth:`wait` waits)."""
         import ray
 
         present = set(columns_present(cfg.data))
         columns = [c for c in input_columns(cfg.preset) if c in present]
         ids = {which: ids_in_split(split_table, which) for which in CACHED_SPLITS}
         codes = ray.put({i: SPLIT_CODES[which] for which, members in ids.items() for i in members})
-        task = ray.remote(featurize_shard).options(num_cpus=1, max_retries=2)
-        shards = tuple(
-            task.remote(cfg.data, s["path"], columns, codes, cfg.preset)
-            for s in store.read_manifest(cfg.data)["shards"]
+        task = ray.remote(featurize_shards).options(num_cpus=1, max_retries=2)
+        paths = [s["path"] for s in store.read_manifest(cfg.data)["shards"]]
+        groups = np.array_split(np.arange(len(paths)), read_tasks(cfg, len(paths)))
+        tasks = tuple(
+            task.remote(cfg.data, [paths[i] for i in group], columns, codes, cfg.preset) for group in groups
         )
-        return cls(shards=shards, counts={which: len(members) for which, members in ids.items()})
+        return cls(tasks=tasks, counts={which: len(members) for which, members in ids.items()})
 
     def wait(self) -> CachedInputs:
-        """Block until every shard is in the object store; a failed read raises here, in the driver."""
+        """Block until every task's inputs are in the object store; a failed read raises here, in the driver."""
         import ray
 
-        for ref in self.shards:
+        for ref in self.tasks:
             ray.get(ref)  # one at a time: the driver maps each, it does not hold them all
         return self
 
@@ -97,7 +116,7 @@ class CachedInputs:
         """
         import ray
 
-        parts = ray.get(list(self.shards))  # zero-copy views of the object store on this node
+        parts = [part for task in ray.get(list(self.tasks)) for part in task]  # zero-copy object-store views
         ids = np.concatenate([p["ecg_id"] for p in parts])
         split = np.concatenate([p["split"] for p in parts])
         part_of = np.repeat(np.arange(len(parts)), [len(p["ecg_id"]) for p in parts])
@@ -169,6 +188,7 @@ __all__ = [
     "CACHE_SHARE",
     "CachedInputs",
     "build_datasets",
+    "read_tasks",
     "cached_input_bytes",
     "should_cache",
     "worker_tensors",

@@ -109,7 +109,7 @@ def test_epoch_order_is_seeded_and_batches_cover_it():
 
 
 def test_cached_inputs_give_each_worker_every_wth_row_by_ecg_id(ray_cluster):
-    """Workers' rows: disjoint, together the whole split, in ecg_id order, whatever the shards' order."""
+    """Workers' rows: disjoint, together the whole split, in ecg_id order, whatever the shards' order or grouping."""
     ray = ray_cluster
 
     def part(ids, split):
@@ -121,17 +121,17 @@ def test_cached_inputs_give_each_worker_every_wth_row_by_ecg_id(ray_cluster):
         }
 
     train, val = SPLIT_CODES["train"], SPLIT_CODES["val"]
-    shards = (
-        ray.put(part(["e7", "e2", "e5", "e9"], [train, val, train, train])),
-        ray.put(part(["e1", "e8", "e3", "e4", "e6"], [train, train, val, train, train])),
+    tasks = (  # a read task returns the inputs of each of its shards
+        ray.put([part(["e7", "e2", "e5"], [train, val, train]), part(["e9"], [train])]),
+        ray.put([part(["e1", "e8", "e3", "e4", "e6"], [train, train, val, train, train])]),
     )
-    cached = CachedInputs(shards=shards, counts={"train": 7, "val": 2})
+    cached = CachedInputs(tasks=tasks, counts={"train": 7, "val": 2})
     (rank0, totals), (rank1, _) = cached.take(0, 2), cached.take(1, 2)
     assert totals == {"train": 7, "val": 2}
     assert rank0["train"]["y"].tolist() == [1, 5, 7, 9] and rank1["train"]["y"].tolist() == [4, 6, 8]
     assert rank0["val"]["y"].tolist() == [2] and rank1["val"]["y"].tolist() == [3]
     assert rank0["train"]["x"][:, 0].tolist() == [1, 5, 7, 9]  # every column follows the same rows
-    swapped = CachedInputs(shards=shards[::-1], counts=cached.counts)
+    swapped = CachedInputs(tasks=tasks[::-1], counts=cached.counts)
     assert swapped.take(0, 2)[0]["train"]["y"].tolist() == [1, 5, 7, 9]
 
 
