@@ -71,6 +71,7 @@ def measure_rules(
     refused, never deleted.
     """
     import ray
+    import ray.data
 
     from lvm_ray.ray_utils import cpu_cores, ensure_connected, shard_paths_dataset, worker_error
 
@@ -88,7 +89,7 @@ def measure_rules(
                 batch_size=1,  # one shard per task
                 batch_format="pyarrow",
                 num_cpus=1,
-                concurrency=min(cpu_cores(), n_shards),
+                compute=ray.data.TaskPoolStrategy(size=min(cpu_cores(), n_shards)),  # concurrency= warns
             ).write_parquet(tmp, mode="error")
         except ray.exceptions.RayError as exc:  # e.g. a task found a shard unreadable: its own line
             raise (worker_error(exc, (store.StoreError,)) or exc) from None

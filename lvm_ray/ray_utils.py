@@ -28,6 +28,7 @@ import ray
 import ray.data
 
 from lvm_ray import store
+from lvm_ray.machine import local_cores
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,7 @@ def cpu_cores() -> int:
     embedded (it advertises more logical CPUs than the machine has cores)."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
     if is_embedded():
-        local = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        cpus = min(cpus, local)
+        cpus = min(cpus, local_cores())
     return max(1, cpus)
 
 

@@ -56,7 +56,6 @@ matrix", J Electrocardiol 1988;21:361-7 (it is the pseudo-inverse of the Dower m
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +69,7 @@ from scipy.special import expit, logit
 from scipy.stats import truncnorm
 
 from lvm_ray.lvh import LVHConfig, bmi, body_surface_area, derive, weight_for_bmi
+from lvm_ray.machine import local_cores
 from lvm_ray.schema import (
     INDEPENDENT_LEADS,
     INT16_MAX,
@@ -883,11 +883,6 @@ def _generate_block(
     return ecg, {**columns, **extras}, followup
 
 
-def _local_cores() -> int:
-    """This process's usable cores (its CPU affinity where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _generate(
     n: int, seed: int, start_index: int, config: SynthConfig, waveforms: bool
 ) -> tuple[np.ndarray | None, pd.DataFrame, pd.DataFrame]:
@@ -901,7 +896,7 @@ def _generate(
     blocks = [
         np.arange(start_index + lo, start_index + max(min(n, lo + block), lo + 1)) for lo in range(0, max(n, 1), block)
     ]
-    threads = min(len(blocks), _local_cores()) if waveforms else 1
+    threads = min(len(blocks), local_cores()) if waveforms else 1
     # Blocks are independent (per-person streams) and their bulk (FFTs, array arithmetic, random
     # fills) runs in NumPy without the GIL, so threads use every core; the output is identical.
     with ThreadPoolExecutor(threads) as pool:

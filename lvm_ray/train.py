@@ -41,6 +41,7 @@ from lvm_ray.fitting import (
 )
 from lvm_ray.inputs import input_columns
 from lvm_ray.lvh import derive
+from lvm_ray.machine import local_cores
 from lvm_ray.model import (
     MODEL_FILE,
     CheckpointError,
@@ -673,17 +674,26 @@ def _concat(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def _predict_in_process(
     loader: Callable[[], Any], data: str, ids: frozenset[str] | None, columns: Sequence[str]
 ) -> dict[str, np.ndarray]:
-    """:func:`split_predictions` in this process: each shard's wanted rows only are decoded and predicted."""
+    """:func:`split_predictions` in this process: a thread per core, each reading a shard and
+    predicting its wanted rows (parquet decoding, numpy and torch release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     predictor = loader()
-    parts = []
-    for table in store.iter_shards(data, columns=columns):
+
+    def shard_rows(path: str) -> dict[str, np.ndarray] | None:
+        table = store.read_shard(data, path, columns)
         if ids is not None:
             wanted = [str(i) in ids for i in table.column("ecg_id").to_pylist()]
             table = table.filter(pa.array(wanted, type=pa.bool_()))
-        if table.num_rows:
-            batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names if c != "ecg"}
-            batch["ecg"] = store.ecg_array(table)
-            parts.append(_split_rows(predictor, None, batch))
+        if not table.num_rows:
+            return None
+        batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names if c != "ecg"}
+        batch["ecg"] = store.ecg_array(table)
+        return _split_rows(predictor, None, batch)
+
+    paths = [shard["path"] for shard in store.read_manifest(data)["shards"]]
+    with ThreadPoolExecutor(max(1, min(len(paths), local_cores()))) as pool:  # in order, a shard per thread
+        parts = [part for part in pool.map(shard_rows, paths) if part is not None]
     return _concat(parts)
 
 

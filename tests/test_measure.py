@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 from typer.testing import CliRunner
@@ -13,12 +15,27 @@ from lvm_ray.rules import measure_batch
 from lvm_ray.synth import write_cohort
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_rules_stage_matches_measure_batch(tmp_path, ray_cluster):
     data, out = str(tmp_path / "cohort"), str(tmp_path / "rules")
     write_cohort(120, 4, data, chunk_size=40)
-    result = CliRunner().invoke(app, ["rules", "--data", data, "--out", out])
+    ray_data_log = _Records()
+    logging.getLogger("ray.data").addHandler(ray_data_log)
+    try:
+        result = CliRunner().invoke(app, ["rules", "--data", data, "--out", out])
+    finally:
+        logging.getLogger("ray.data").removeHandler(ray_data_log)
     assert result.exit_code == 0, result.output
     assert "ECGs         : 120 (120 measurable)" in result.output
+    assert not [m for m in ray_data_log.messages if "deprecated" in m]  # a quiet console: no Ray API warnings
     table = read_rules(out).set_index("ecg_id")
     assert len(table) == 120 and table.index.is_unique
     for column in (
