@@ -8,6 +8,7 @@ Ray Train's worker loop (``lvm_ray.train``) and the single-process baselines in
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lvm_ray.model import total_loss
+from lvm_ray.model import total_loss, unwrap
 from lvm_ray.presets import SELECTION_METRICS, AugmentSpec, Preset, model_to_target
 from lvm_ray.stats import auroc
 
@@ -126,6 +127,8 @@ class EpochStats:
     loss_sum: float = 0.0
     n: int = 0
     seconds: float = 0.0
+    #: ECGs whose statistics the batch-norm layers took at the end (:func:`refresh_batch_norm`).
+    batch_norm_rows: int = 0
 
     @property
     def loss(self) -> float:
@@ -140,9 +143,16 @@ def train_epoch(
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
 ) -> EpochStats:
-    """One pass over the training batches (dicts with x, y, lvh and maybe cov)."""
+    """One pass over the training batches (dicts with x, y, lvh and maybe cov).
+
+    Then, with the preset's ``batch_norm_refresh_rows``, the batch-norm layers take the statistics
+    of the epoch's last that-many training ECGs (un-augmented) under the final weights.
+    """
     model.train()
     stats = EpochStats()
+    keep_rows = preset.optim.batch_norm_refresh_rows if has_batch_norm(model) else 0
+    kept: collections.deque[dict[str, torch.Tensor]] = collections.deque()
+    kept_rows = 0
     # The loss is summed on the device: no host sync per step (a GPU keeps its queue full).
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     start = time.perf_counter()
@@ -158,11 +168,54 @@ def train_epoch(
         n = int(batch["y"].shape[0])
         loss_sum += loss.detach().double() * n
         stats.n += n
+        if keep_rows > 0:
+            kept.append(batch)
+            kept_rows += n
+            while kept_rows - len(kept[0]["y"]) >= keep_rows:
+                kept_rows -= len(kept.popleft()["y"])
         if on_batch is not None:
             on_batch(i)
+    with autocast(device):
+        stats.batch_norm_rows = refresh_batch_norm(unwrap(model), kept)
     stats.loss_sum = float(loss_sum)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def refresh_batch_norm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> int:
+    """Give every batch-norm layer the statistics of ``batches`` under the current weights.
+
+    The running averages are reset and rebuilt as an equal-weight average over the batches
+    (momentum None); only the batch-norm layers run in training mode (dropout stays off), and
+    no weight changes. Returns the rows seen (0, and nothing changed, for a model without
+    batch norm or no batches).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    batches = list(batches)
+    if not norms or not batches:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    rows = 0
+    try:
+        for batch in batches:
+            model(batch["x"], batch.get("cov"))
+            rows += int(batch["x"].shape[0])
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    return rows
 
 
 @dataclass

@@ -6,6 +6,7 @@ which starts its own ray.cluster_utils.Cluster in a subprocess.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,9 +21,17 @@ import pytest
 import torch
 
 from lvm_ray import store
-from lvm_ray.fitting import autocast, epoch_metrics, memory_batches, shuffled_order, train_epoch, validate_epoch
+from lvm_ray.fitting import (
+    autocast,
+    epoch_metrics,
+    memory_batches,
+    refresh_batch_norm,
+    shuffled_order,
+    train_epoch,
+    validate_epoch,
+)
 from lvm_ray.inputs import featurize
-from lvm_ray.model import build_model, load_checkpoint, read_payload
+from lvm_ray.model import ModelOutput, build_model, load_checkpoint, read_payload
 from lvm_ray.presets import get_preset
 from lvm_ray.runs import FaultInjection, TrainError, make_config
 from lvm_ray.splits import SPLIT_CODES, SplitSpec
@@ -106,6 +115,56 @@ def test_epoch_order_is_seeded_and_batches_cover_it():
     assert [len(b["y"]) for b in batches] == [4, 4, 1]
     assert torch.cat([b["y"] for b in batches]).tolist() == a.float().tolist()
     assert [b["y"].tolist() for b in memory_batches(rows, 6)] == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]
+
+
+class _NormThenDropout(torch.nn.Module):
+    """The smallest model with batch norm (on the input itself) and dropout after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(3)
+        self.drop = torch.nn.Dropout(0.5)
+        self.head = torch.nn.Linear(3, 1)
+
+    def forward(self, x, cov=None):
+        return ModelOutput(self.head(self.drop(self.norm(x)))[:, 0], None)
+
+
+def test_refresh_batch_norm_takes_the_batches_statistics_and_changes_nothing_else():
+    torch.manual_seed(0)
+    model = _NormThenDropout()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "tracked" not in k}
+    batches = [
+        {"x": torch.randn(16, 3) * torch.tensor([1.0, 5.0, 0.1]) + torch.tensor([2.0, -1.0, 7.0])} for _ in range(4)
+    ]
+    model.train()
+    assert refresh_batch_norm(model, batches) == 64
+    every = torch.cat([b["x"] for b in batches])
+    # Equal-weight average of the batches: with equal batch sizes, the mean of all 64 rows.
+    torch.testing.assert_close(model.norm.running_mean, every.mean(0))
+    torch.testing.assert_close(model.norm.running_var, torch.stack([b["x"].var(0) for b in batches]).mean(0))
+    assert model.norm.momentum == 0.1 and model.training  # restored
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert refresh_batch_norm(torch.nn.Linear(3, 1), batches) == 0  # nothing to refresh
+    assert refresh_batch_norm(model, []) == 0
+
+
+def test_an_epoch_ends_with_batch_norm_statistics_of_its_last_rows_under_the_final_weights():
+    preset = get_preset("lvm-cpu")
+    preset = dataclasses.replace(preset, optim=dataclasses.replace(preset.optim, batch_norm_refresh_rows=6))
+    torch.manual_seed(0)
+    model = _NormThenDropout()
+    batches = [{"x": torch.randn(4, 3) + i, "y": torch.randn(4), "lvh": torch.full((4,), -1)} for i in range(5)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: only the statistics move
+    stats = train_epoch(model, batches, optimizer, preset, torch.device("cpu"))
+    assert stats.n == 20 and stats.batch_norm_rows == 8  # the last two batches hold >= 6 rows
+    torch.testing.assert_close(model.norm.running_mean, torch.cat([b["x"] for b in batches[-2:]]).mean(0))
+    off = dataclasses.replace(preset, optim=dataclasses.replace(preset.optim, batch_norm_refresh_rows=0))
+    model.norm.reset_running_stats()
+    assert train_epoch(model, batches, optimizer, off, torch.device("cpu")).batch_norm_rows == 0
+    # The running averages of training (momentum 0.1, 5 steps from 0), not the last rows' mean.
+    assert not torch.allclose(model.norm.running_mean, torch.cat([b["x"] for b in batches[-2:]]).mean(0))
 
 
 def test_cached_inputs_give_each_worker_every_wth_row_by_ecg_id(ray_cluster):
