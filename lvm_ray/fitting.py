@@ -183,6 +183,7 @@ def train_epoch(
 
 
 def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a batch-norm layer (whose running statistics :func:`refresh_batch_norm` sets)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
