@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -360,14 +361,14 @@ def build_trainer(cfg: TrainConfig, datasets: Mapping[str, Any], callbacks: Sequ
     callbacks (``lvm_ray.tune`` passes Ray Tune's report callback).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     storage_path, storage_fs = _storage(cfg.run)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
     ray_datasets = {k: v for k, v in datasets.items() if k != CACHED}
-    return TorchTrainer(
+    return _interruptible_trainer()(
         train_func,
         train_loop_config={"config": cfg, "cached": datasets.get(CACHED)},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -387,6 +388,26 @@ def build_trainer(cfg: TrainConfig, datasets: Mapping[str, Any], callbacks: Sequ
         ),
         datasets=ray_datasets or None,
     )
+
+
+def _interruptible_trainer() -> type:
+    """TorchTrainer whose Ctrl-C aborts the run as Ray Train's own handler does, then raises
+    KeyboardInterrupt, so the CLI says one line and exits 130. Ray's handler ends the driver with
+    SystemExit(1) and says nothing (and stays installed after the fit)."""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    class InterruptibleTorchTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            def on_sigint(signum: int, frame: Any) -> None:
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+                with contextlib.suppress(Exception):  # the workers stop; the checkpoints stay for a resume
+                    ray.get(controller.abort.remote(), timeout=60)
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    return InterruptibleTorchTrainer
 
 
 # --- the driver -----------------------------------------------------------------------------------
@@ -542,12 +563,16 @@ def train(
         datasets = datasets_from(cfg, split_table)
     else:
         datasets = build_datasets(cfg, split_table, wait=not _room_beside_workers(cfg))
+    sigint = signal.getsignal(signal.SIGINT)  # the trainer installs its own for the fit
     try:
         with _ray_train_env(), EpochPrinter(_url(run, METRICS_FILE), cfg.max_epochs, cfg.preset.target.task, run):
             result = build_trainer(cfg, datasets).fit()
         error = result.error
     except Exception as exc:  # ray.train.TrainingFailedError: workers failed more than max_failures
         error = exc
+    finally:
+        if sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
     if error is not None and isinstance(datasets.get(CACHED), CachedInputs):
         try:  # a shard that could not be read is the cause to name, not the workers' retries
             datasets[CACHED].wait()

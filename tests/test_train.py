@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -407,3 +409,45 @@ def test_two_node_cluster_one_worker_per_node(cohort, tmp_path):
     assert out["epochs_run"] == 1
     assert len(out["cluster_nodes"]) == 2
     assert sorted(set(out["worker_nodes"])) == sorted(out["cluster_nodes"])  # one worker on each node
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_training_in_one_line_and_the_rerun_resumes(ray_cluster, cohort, tmp_path):
+    """SIGINT to `lvm-ray train` (as Ctrl-C sends it) after an epoch: exit 130, one line, and the
+    same command resumes. Ray Train's own handler ended the driver with status 1 and no word."""
+    run = tmp_path / "run"
+    script = textwrap.dedent(
+        f"""
+        import signal
+        from lvm_ray.cli import app
+
+        # As a terminal's foreground job has it (a shell's background job, e.g. CI, inherits SIGINT ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        app(["train", "--data", {cohort!r}, "--run", {str(run)!r}, "--max-epochs", "30", "--batch-size", "16",
+             "--address", {ray_cluster.get_runtime_context().gcs_address!r}])
+        """
+    )
+    # Its own process group, as a terminal's foreground job: SIGINT to the group is Ctrl-C.
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, **pipes)
+    metrics, snapshot = run / "metrics.jsonl", run / "ray" / "checkpoint_manager_snapshot.json"
+
+    def committed() -> int:  # epochs whose checkpoint Ray Train has recorded
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    deadline = time.time() + 240
+    while time.time() < deadline and not committed():
+        assert proc.poll() is None, f"training ended before it could be interrupted: {proc.communicate()}"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 130, (proc.returncode, stderr[-2000:])
+    assert "interrupted: re-run the same command to resume" in stderr
+    assert "Traceback" not in stderr, stderr[-2000:]
+    done = len(metrics.read_text().splitlines())
+    assert 1 <= done < 30
+    result = train(cohort, str(run), preset="lvm-cpu", num_workers=2, max_epochs=done + 1, batch_size=16)
+    assert result.resumed_from and result.resumed_from[0] >= 1 and result.epochs_run == done + 1
