@@ -321,7 +321,8 @@ def parse_json_body(body: bytes) -> PredictRequest:
         raise _validation_error(exc, "body") from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (at most 200 characters): what a one-line message quotes."""
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]
 
@@ -343,7 +344,7 @@ def read_npy(body: bytes) -> np.ndarray:
     try:
         shape, _, dtype = readers[version](fp)
     except Exception as exc:  # noqa: BLE001 - any header numpy cannot read is the client's mistake
-        raise BadRequestError(f"unreadable .npy header: {_first_line(exc)}") from None
+        raise BadRequestError(f"unreadable .npy header: {first_line(exc)}") from None
     if dtype.hasobject or dtype.fields is not None:
         raise BadRequestError("the .npy array holds Python objects or records: send a plain int or float array")
     if dtype.kind not in "iuf":
@@ -359,7 +360,7 @@ def read_npy(body: bytes) -> np.ndarray:
     try:
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - checked above; still a 4xx if numpy disagrees
-        raise BadRequestError(f"unreadable .npy array: {_first_line(exc)}") from None
+        raise BadRequestError(f"unreadable .npy array: {first_line(exc)}") from None
     return np.asarray(array, dtype=np.float64)
 
 

@@ -568,7 +568,7 @@ def serve(
     """Serve the model on Ray Serve: POST /v1/predict, /v1/explain (+/file); GET /healthz, /readyz, /v1/model, /docs."""
     from lvm_ray.model import CheckpointError, read_payload
     from lvm_ray.ray_utils import ClusterError, ensure_connected, resolve_gpu
-    from lvm_ray.serve import run_server, use_proxy
+    from lvm_ray.serve import ServeStartError, run_server, use_proxy
 
     _setup_logging(verbose)
     try:
@@ -580,7 +580,10 @@ def serve(
     except (CheckpointError, ClusterError, ValueError) as exc:
         _fail(str(exc))
     settings = {"num_replicas": replicas} if replicas else None
-    run_server(checkpoint, host=host, port=port, use_gpu=gpu, address=address, verbose=verbose, settings=settings)
+    try:
+        run_server(checkpoint, host=host, port=port, use_gpu=gpu, address=address, verbose=verbose, settings=settings)
+    except ServeStartError as exc:
+        _fail(str(exc))
 
 
 @app.command()

@@ -13,16 +13,20 @@ Nothing runs at import: ``build_app`` (the Serve app builder) binds the deployme
 # must resolve their annotations at runtime.
 
 import asyncio
+import contextlib
 import logging
+import signal
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import ray
 from fastapi import Depends, File, Form, Request, UploadFile
 from ray import serve
 
@@ -36,6 +40,7 @@ from lvm_ray.api import (
     canonical_request,
     create_app,
     explanation_body,
+    first_line,
     model_info,
     read_ecg_body,
     read_upload,
@@ -340,7 +345,7 @@ def run_server(
     ready_timeout_s: float = 300.0,
     settings: dict[str, Any] | None = None,
 ) -> None:
-    """Serve the model at ``checkpoint`` on host:port and block until Ctrl-C.
+    """Serve the model at ``checkpoint`` on host:port and block until Ctrl-C or SIGTERM.
 
     ``announce`` gets the URL line once the app answers /readyz (not before: loading the model
     and starting the proxy take a while). Unless ``verbose``, Serve's own INFO logs go only to
@@ -350,19 +355,73 @@ def run_server(
     ensure_connected(address, verbose=verbose)  # quiet: worker output stays in Ray's log files
     if not verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's own "Started Serve ..." lines
-    serve.start(http_options={"host": host, "port": port})
-    args = {"checkpoint": checkpoint, "use_gpu": use_gpu, **(settings or {})}
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    wait_until_ready(f"http://{local}:{port}/readyz", ready_timeout_s)
+    try:
+        _start_serve(host, port)
+        args = {"checkpoint": checkpoint, "use_gpu": use_gpu, **(settings or {})}
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        wait_until_ready(f"http://{local}:{port}/readyz", ready_timeout_s)
+    except ServeStartError:
+        raise
+    except (ray.exceptions.RayError, RuntimeError, TimeoutError) as exc:
+        raise ServeStartError(f"Ray Serve did not start the endpoint: {first_line(exc)}") from exc
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     announce(f"serving {checkpoint} at {url} (OpenAPI at {url}/docs); Ctrl-C stops")
     try:
-        while True:
-            time.sleep(1)
+        with _sigterm_stops():
+            while True:
+                time.sleep(1)
     except KeyboardInterrupt:
         announce("stopping")
     finally:
         # Only our application: a shared cluster may run others. An embedded Ray goes with this
         # process (serve.shutdown() there only adds an error-looking raylet line to the console).
         serve.delete(APP_NAME)
+
+
+class ServeStartError(RuntimeError):
+    """The endpoint did not come up (Serve's controller, proxy or replicas): a one-line reason."""
+
+
+#: serve.start calls before giving up on Serve's HTTP proxy (see :func:`_start_serve`).
+SERVE_START_ATTEMPTS = 3
+
+
+def _start_serve(host: str, port: int) -> None:
+    """``serve.start``, outliving a proxy that Serve itself replaces.
+
+    Serve's controller gives a new HTTP proxy 5 s to answer its ready check and otherwise kills it
+    and starts another with a longer check; ``serve.start`` meanwhile waits on the first proxy and
+    fails when it dies. On a loaded laptop that was the whole start failing with a traceback. Once
+    the controller exists, another ``serve.start`` returns its client at once, and
+    :func:`wait_until_ready` then waits for whichever proxy answers.
+    """
+    for attempt in range(1, SERVE_START_ATTEMPTS + 1):
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            return
+        except (ray.exceptions.RayActorError, TimeoutError) as exc:
+            if attempt == SERVE_START_ATTEMPTS:
+                raise ServeStartError(f"Ray Serve's HTTP proxy did not start: {first_line(exc)}") from exc
+            log.info("Serve's HTTP proxy was replaced while starting (%s); waiting for the next one", first_line(exc))
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM (``kill``, systemd, ``docker stop``) stops the server as Ctrl-C does.
+
+    Without it Ray's own handler in the driver printed a crash-like stack dump and aborted.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not set from Python (Ray's own); the process is ending anyway
+            signal.signal(signal.SIGTERM, previous)

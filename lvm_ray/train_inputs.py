@@ -96,9 +96,7 @@ class CachedInputs:
         task = ray.remote(featurize_shards).options(num_cpus=1, max_retries=2)
         paths = [s["path"] for s in store.read_manifest(cfg.data)["shards"]]
         groups = np.array_split(np.arange(len(paths)), read_tasks(cfg, len(paths)))
-        tasks = tuple(
-            task.remote(cfg.data, [paths[i] for i in group], columns, codes, cfg.preset) for group in groups
-        )
+        tasks = tuple(task.remote(cfg.data, [paths[i] for i in group], columns, codes, cfg.preset) for group in groups)
         return cls(tasks=tasks, counts={which: len(members) for which, members in ids.items()})
 
     def wait(self) -> CachedInputs:

@@ -663,15 +663,25 @@ def test_gpu_serving_reserves_a_gpu_for_each_replica():
 # `lvm-ray serve`: one line with the URL, printed once the app answers
 
 
+#: Runs `lvm-ray serve` with Python's SIGINT handler, as a terminal's foreground job has it: a
+#: background shell (CI) starts its children with SIGINT ignored, and a child keeps that.
+_SERVE_AS_FOREGROUND_JOB = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('lvm_ray.cli', run_name='__main__')"
+)
+
+
 @pytest.mark.slow
-def test_cli_prints_its_url_only_when_ready_and_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_prints_its_url_only_when_ready_and_stops_on_ctrl_c_or_sigterm(tmp_path, stop):
     """A separate `lvm-ray serve` process (its own embedded Ray): the URL line comes when /readyz
-    already answers, the console holds none of Ray's chatter, and Ctrl-C stops it cleanly."""
+    already answers, the console holds none of Ray's chatter, and Ctrl-C (SIGINT) or `kill`
+    (SIGTERM, as systemd and docker stop send it) stops it cleanly with one line, exit 0."""
     checkpoint = tiny_checkpoint(str(tmp_path / "model.pt"))
     port = _free_port()
     env = {**os.environ, "RAY_ADDRESS": "", "LVM_RAY_ADDRESS": ""}  # never join the test session's cluster
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lvm_ray.cli", "serve", "--checkpoint", checkpoint, "--port", str(port)],
+        [sys.executable, "-c", _SERVE_AS_FOREGROUND_JOB, "serve", "--checkpoint", checkpoint, "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -693,7 +703,7 @@ def test_cli_prints_its_url_only_when_ready_and_stops_on_ctrl_c(tmp_path):
         else:
             pytest.fail(f"no URL line within 240 s: {lines}")
         assert any(f"http://127.0.0.1:{port}" in line for line in lines), lines
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         rest, _ = proc.communicate(timeout=120)
         lines += rest.splitlines()
     finally:
@@ -701,9 +711,40 @@ def test_cli_prints_its_url_only_when_ready_and_stops_on_ctrl_c(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, lines
+    assert lines[-1] == "stopping", lines
     chatter = [line for line in lines if "pid=" in line or "(raylet)" in line or "INFO" in line or "Traceback" in line]
+    chatter += [line for line in lines if "SIGTERM received" in line]  # Ray's own handler's stack dump
     assert not chatter, lines
     assert len(lines) <= 4, lines
+
+
+def test_a_serve_start_outlives_proxies_that_serve_replaces(monkeypatch):
+    """Serve's controller kills an HTTP proxy that misses its ready check (5 s, on a loaded machine)
+    and starts another, while serve.start fails on the first one's death: lvm-ray serve tries again
+    (then the controller exists and serve.start returns its client), and gives one line after
+    SERVE_START_ATTEMPTS deaths."""
+    import ray
+
+    from lvm_ray import serve as serve_stage
+
+    calls = []
+
+    def dies(times: int):
+        def start(http_options):
+            calls.append(http_options)
+            if len(calls) <= times:
+                raise ray.exceptions.ActorDiedError()
+
+        return start
+
+    monkeypatch.setattr(serve_stage.serve, "start", dies(1))
+    serve_stage._start_serve("127.0.0.1", 8123)
+    assert calls == [{"host": "127.0.0.1", "port": 8123}] * 2
+    calls.clear()
+    monkeypatch.setattr(serve_stage.serve, "start", dies(serve_stage.SERVE_START_ATTEMPTS))
+    with pytest.raises(serve_stage.ServeStartError, match="Ray Serve's HTTP proxy did not start: The actor died"):
+        serve_stage._start_serve("127.0.0.1", 8123)
+    assert len(calls) == serve_stage.SERVE_START_ATTEMPTS
 
 
 @pytest.mark.slow
