@@ -86,15 +86,19 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _interruptible(command: Callable[..., None]) -> Callable[..., None]:
-    """Ctrl-C ends a long stage with one line; what it finished is kept, and a re-run resumes."""
+    """Ctrl-C or SIGTERM (``kill``, a scheduler's time limit) ends a long stage with one line; what
+    it finished is kept, and a re-run resumes. Exit 130 for Ctrl-C, 143 for SIGTERM, as shells count."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> None:
+        from lvm_ray.ray_utils import sigterm_interrupts, sigterm_received
+
         try:
-            command(*args, **kwargs)
+            with sigterm_interrupts():
+                command(*args, **kwargs)
         except KeyboardInterrupt:
             typer.secho("interrupted: re-run the same command to resume", fg=typer.colors.YELLOW, err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if sigterm_received() else 130) from None
 
     return wrapper
 

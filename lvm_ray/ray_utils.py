@@ -17,11 +17,14 @@ See docs/architecture.md, "One rule for Ray".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import ray
@@ -47,6 +50,8 @@ class ClusterError(RuntimeError):
 class _Session:
     embedded: bool = False
     verbose: bool = False
+    sigterm_interrupts: bool = False
+    sigterm_received: bool = False
 
 
 _SESSION = _Session()
@@ -97,6 +102,15 @@ def ensure_connected(
     """
     if ray.is_initialized():
         return
+    try:
+        _connect(address, verbose=verbose, num_cpus=num_cpus, timeout_s=timeout_s, dashboard=dashboard)
+    finally:
+        # ray.init put the driver's own SIGTERM handler in place of ours.
+        if _SESSION.sigterm_interrupts and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, stop_on_sigterm)
+
+
+def _connect(address: str | None, *, verbose: bool, num_cpus: int | None, timeout_s: float, dashboard: bool) -> None:
     # Inside `ray job submit` the job's cluster is in RAY_ADDRESS: join it rather than start another.
     address = address or os.environ.get("LVM_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS") or None
     quiet = {
@@ -141,6 +155,47 @@ def ensure_connected(
     )
     _SESSION.embedded, _SESSION.verbose = True, verbose
     log.info("started a local Ray with %d logical CPUs", cpus)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt (see :func:`sigterm_interrupts`)."""
+
+
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    """The SIGTERM handler of :func:`sigterm_interrupts`: raises :class:`Terminated`, and remembers
+    it (:func:`sigterm_received`), since ``ray.get`` turns any KeyboardInterrupt into a plain one."""
+    _SESSION.sigterm_received = True
+    raise Terminated
+
+
+def sigterm_received() -> bool:
+    """Whether SIGTERM stopped the current :func:`sigterm_interrupts` block."""
+    return _SESSION.sigterm_received
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While active, SIGTERM (``kill``, SLURM at a time limit, systemd, ``docker stop``) raises
+    :class:`Terminated`, a KeyboardInterrupt, so a stage stops as on Ctrl-C: one line, and what it
+    finished is kept. Without it the signal reached the handler Ray's driver installs, which
+    prints a stack dump and aborts. ``ensure_connected`` puts this one back after ``ray.init``.
+    Main thread only (elsewhere it does nothing).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    _SESSION.sigterm_interrupts, _SESSION.sigterm_received = True, False
+    try:
+        yield
+    finally:
+        _SESSION.sigterm_interrupts = False
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def interrupting_on_sigterm() -> bool:
+    """True inside :func:`sigterm_interrupts` (the CLI's long stages)."""
+    return _SESSION.sigterm_interrupts
 
 
 def is_embedded() -> bool:

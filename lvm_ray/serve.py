@@ -13,14 +13,11 @@ Nothing runs at import: ``build_app`` (the Serve app builder) binds the deployme
 # must resolve their annotations at runtime.
 
 import asyncio
-import contextlib
 import logging
-import signal
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -50,7 +47,7 @@ from lvm_ray.api import (
 )
 from lvm_ray.conformal import check_level
 from lvm_ray.predict import Predictor
-from lvm_ray.ray_utils import ensure_connected
+from lvm_ray.ray_utils import ensure_connected, sigterm_interrupts
 from lvm_ray.signals import RawECG
 
 log = logging.getLogger(__name__)
@@ -368,7 +365,7 @@ def run_server(
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     announce(f"serving {checkpoint} at {url} (OpenAPI at {url}/docs); Ctrl-C stops")
     try:
-        with _sigterm_stops():
+        with sigterm_interrupts():  # kill, systemd, docker stop: as Ctrl-C
             while True:
                 time.sleep(1)
     except KeyboardInterrupt:
@@ -404,24 +401,3 @@ def _start_serve(host: str, port: int) -> None:
             if attempt == SERVE_START_ATTEMPTS:
                 raise ServeStartError(f"Ray Serve's HTTP proxy did not start: {first_line(exc)}") from exc
             log.info("Serve's HTTP proxy was replaced while starting (%s); waiting for the next one", first_line(exc))
-
-
-@contextlib.contextmanager
-def _sigterm_stops() -> Iterator[None]:
-    """SIGTERM (``kill``, systemd, ``docker stop``) stops the server as Ctrl-C does.
-
-    Without it Ray's own handler in the driver printed a crash-like stack dump and aborted.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        if previous is not None:  # None: a handler not set from Python (Ray's own); the process is ending anyway
-            signal.signal(signal.SIGTERM, previous)

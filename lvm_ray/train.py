@@ -391,21 +391,29 @@ def build_trainer(cfg: TrainConfig, datasets: Mapping[str, Any], callbacks: Sequ
 
 
 def _interruptible_trainer() -> type:
-    """TorchTrainer whose Ctrl-C aborts the run as Ray Train's own handler does, then raises
-    KeyboardInterrupt, so the CLI says one line and exits 130. Ray's handler ends the driver with
-    SystemExit(1) and says nothing (and stays installed after the fit)."""
+    """TorchTrainer whose Ctrl-C (and SIGTERM, under the CLI) aborts the run as Ray Train's own
+    handler does, then raises KeyboardInterrupt, so the CLI says one line and exits 130 (143).
+    Ray's handler ends the driver with SystemExit(1) and says nothing (and stays installed after
+    the fit)."""
     import ray
     from ray.train.torch import TorchTrainer
 
+    from lvm_ray.ray_utils import interrupting_on_sigterm, stop_on_sigterm
+
     class InterruptibleTorchTrainer(TorchTrainer):
         def _register_sigint_handler(self, controller: Any) -> None:
-            def on_sigint(signum: int, frame: Any) -> None:
+            def on_signal(signum: int, frame: Any) -> None:
                 signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
                 with contextlib.suppress(Exception):  # the workers stop; the checkpoints stay for a resume
                     ray.get(controller.abort.remote(), timeout=60)
+                if signum == signal.SIGTERM:
+                    stop_on_sigterm(signum, frame)
                 raise KeyboardInterrupt
 
-            signal.signal(signal.SIGINT, on_sigint)
+            signal.signal(signal.SIGINT, on_signal)
+            # SIGTERM too (kill, a scheduler's time limit) when the CLI asked for it (ray_utils.sigterm_interrupts).
+            if interrupting_on_sigterm():
+                signal.signal(signal.SIGTERM, on_signal)
 
     return InterruptibleTorchTrainer
 
@@ -563,7 +571,8 @@ def train(
         datasets = datasets_from(cfg, split_table)
     else:
         datasets = build_datasets(cfg, split_table, wait=not _room_beside_workers(cfg))
-    sigint = signal.getsignal(signal.SIGINT)  # the trainer installs its own for the fit
+    # The trainer installs its own for the fit (see _interruptible_trainer).
+    sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         with _ray_train_env(), EpochPrinter(_url(run, METRICS_FILE), cfg.max_epochs, cfg.preset.target.task, run):
             result = build_trainer(cfg, datasets).fit()
@@ -571,8 +580,10 @@ def train(
     except Exception as exc:  # ray.train.TrainingFailedError: workers failed more than max_failures
         error = exc
     finally:
-        if sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, sigint)
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in ((signal.SIGINT, sigint), (signal.SIGTERM, sigterm)):
+                if handler is not None:
+                    signal.signal(signum, handler)
     if error is not None and isinstance(datasets.get(CACHED), CachedInputs):
         try:  # a shard that could not be read is the cause to name, not the workers' retries
             datasets[CACHED].wait()

@@ -120,8 +120,11 @@ def test_killed_scoring_job_completes_on_rerun(cohort, checkpoint, tmp_path, ray
     assert set(final.ecg_id) == ids
 
 
-def test_ctrl_c_ends_scoring_in_one_line_and_the_rerun_completes(cohort, checkpoint, tmp_path, ray_cluster):
-    """SIGINT to `lvm-ray score` (as Ctrl-C sends it): exit 130, one line, parts kept, a re-run resumes."""
+@pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_ends_scoring_in_one_line_and_the_rerun_completes(cohort, checkpoint, tmp_path, ray_cluster, stop, code):
+    """SIGINT to `lvm-ray score` (as Ctrl-C sends it) or SIGTERM (`kill`, SLURM at a time limit):
+    exit 130 / 143, one line (not the stack dump of Ray's own SIGTERM handler), parts kept, a
+    re-run resumes."""
     out = tmp_path / "preds"
     script = textwrap.dedent(
         f"""
@@ -157,11 +160,11 @@ def test_ctrl_c_ends_scoring_in_one_line_and_the_rerun_completes(cohort, checkpo
     while time.time() < deadline and not list(parts.glob("*.parquet")):
         assert proc.poll() is None, f"scoring ended before it could be interrupted: {proc.communicate()}"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, stop)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (proc.returncode, stderr[-2000:])
+    assert proc.returncode == code, (proc.returncode, stderr[-2000:])
     assert "interrupted: re-run the same command to resume" in stderr
-    assert "Traceback" not in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-2000:]
     partial = read_predictions(str(out), columns=["ecg_id"])
     assert 0 < len(partial) < 240, len(partial)
     result = score(cohort, checkpoint, str(out), batch_size=32, num_actors=2)

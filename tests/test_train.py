@@ -412,8 +412,10 @@ def test_two_node_cluster_one_worker_per_node(cohort, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_ends_training_in_one_line_and_the_rerun_resumes(ray_cluster, cohort, tmp_path):
-    """SIGINT to `lvm-ray train` (as Ctrl-C sends it) after an epoch: exit 130, one line, and the
+@pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_ends_training_in_one_line_and_the_rerun_resumes(ray_cluster, cohort, tmp_path, stop, code):
+    """SIGINT to `lvm-ray train` (as Ctrl-C sends it) or SIGTERM (`kill`, SLURM at a time limit)
+    after an epoch: the run is aborted as Ray Train aborts it, exit 130 / 143, one line, and the
     same command resumes. Ray Train's own handler ended the driver with status 1 and no word."""
     run = tmp_path / "run"
     script = textwrap.dedent(
@@ -442,11 +444,11 @@ def test_ctrl_c_ends_training_in_one_line_and_the_rerun_resumes(ray_cluster, coh
     while time.time() < deadline and not committed():
         assert proc.poll() is None, f"training ended before it could be interrupted: {proc.communicate()}"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, stop)
     _, stderr = proc.communicate(timeout=180)
-    assert proc.returncode == 130, (proc.returncode, stderr[-2000:])
+    assert proc.returncode == code, (proc.returncode, stderr[-2000:])
     assert "interrupted: re-run the same command to resume" in stderr
-    assert "Traceback" not in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-2000:]
     done = len(metrics.read_text().splitlines())
     assert 1 <= done < 30
     result = train(cohort, str(run), preset="lvm-cpu", num_workers=2, max_epochs=done + 1, batch_size=16)
