@@ -489,7 +489,7 @@ def train(
     add them). Re-running the same command resumes the run; ``overwrite`` starts RUN over
     (removing only what a run writes).
     """
-    from lvm_ray.ray_utils import ensure_connected, resolve_gpu
+    from lvm_ray.ray_utils import ensure_connected, interrupting_on_sigterm, resolve_gpu
 
     started = time.time()
     # Everything that can be checked without Ray is checked first.
@@ -572,7 +572,8 @@ def train(
     else:
         datasets = build_datasets(cfg, split_table, wait=not _room_beside_workers(cfg))
     # The trainer installs its own for the fit (see _interruptible_trainer).
-    sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    sigint = signal.getsignal(signal.SIGINT)
+    sigterm = signal.getsignal(signal.SIGTERM) if interrupting_on_sigterm() else None  # else not ours to touch
     try:
         with _ray_train_env(), EpochPrinter(_url(run, METRICS_FILE), cfg.max_epochs, cfg.preset.target.task, run):
             result = build_trainer(cfg, datasets).fit()
