@@ -6,10 +6,11 @@ command that needs no Ray never starts one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -85,20 +86,27 @@ def _one_line(exc: BaseException) -> str:
     return (text.strip().splitlines() or [type(exc).__name__])[0]
 
 
+@contextlib.contextmanager
+def _interrupts_end_in_one_line(message: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM (``kill``, a scheduler's time limit) ends the block with one line,
+    ``interrupted: <message>``; exit 130 for Ctrl-C, 143 for SIGTERM, as shells count."""
+    from lvm_ray.ray_utils import sigterm_interrupts, sigterm_received
+
+    try:
+        with sigterm_interrupts():
+            yield
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted: {message}", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(143 if sigterm_received() else 130) from None
+
+
 def _interruptible(command: Callable[..., None]) -> Callable[..., None]:
-    """Ctrl-C or SIGTERM (``kill``, a scheduler's time limit) ends a long stage with one line; what
-    it finished is kept, and a re-run resumes. Exit 130 for Ctrl-C, 143 for SIGTERM, as shells count."""
+    """A long stage that Ctrl-C or SIGTERM ends with one line; what it finished is kept, and a re-run resumes."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        from lvm_ray.ray_utils import sigterm_interrupts, sigterm_received
-
-        try:
-            with sigterm_interrupts():
-                command(*args, **kwargs)
-        except KeyboardInterrupt:
-            typer.secho("interrupted: re-run the same command to resume", fg=typer.colors.YELLOW, err=True)
-            raise typer.Exit(143 if sigterm_received() else 130) from None
+        with _interrupts_end_in_one_line("re-run the same command to resume"):
+            command(*args, **kwargs)
 
     return wrapper
 
@@ -604,7 +612,8 @@ def demo(
     from lvm_ray.demo import run_demo
 
     _setup_logging(False)
-    run_demo(workdir=workdir, n=n, seed=seed, n_outpatient=n_outpatient, max_epochs=max_epochs)
+    with _interrupts_end_in_one_line(f"the demo's outputs in {workdir} are incomplete; run it again to redo them"):
+        run_demo(workdir=workdir, n=n, seed=seed, n_outpatient=n_outpatient, max_epochs=max_epochs)
 
 
 @app.command("import-keras")

@@ -212,3 +212,27 @@ def test_synth_never_replaces_a_dataset_silently(tmp_path, user_folder):
         runner.invoke(app, ["synth", "--n", "20", "--out", str(user_folder), "--overwrite"]), "not lvm-ray's"
     )
     assert _tree(user_folder) == before
+
+
+def test_a_demo_stopped_by_sigterm_says_so_in_one_line(tmp_path, ray_cluster, monkeypatch) -> None:
+    """`lvm-ray demo` (make demo) stopped part-way by a real SIGTERM (`kill`), delivered here the
+    moment it starts writing its cohort: one line and exit 143, not a traceback or Ray's stack dump."""
+    import os
+    import signal
+    import time
+
+    import lvm_ray.synth
+
+    def killed_while_writing(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # runs the process's real SIGTERM handler
+        time.sleep(10)  # the handler raises here
+        raise AssertionError("SIGTERM did not stop the demo")
+
+    monkeypatch.setattr(lvm_ray.synth, "write_cohort", killed_while_writing)
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path / "demo")])
+    assert result.exit_code == 143, result.output
+    message = f"interrupted: the demo's outputs in {tmp_path / 'demo'} are incomplete; run it again to redo them"
+    assert result.output.strip().splitlines()[-1] == message, result.output
+    assert "Traceback" not in result.output
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler does not outlive the command
