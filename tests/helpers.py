@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
+from collections.abc import Callable
+
 import torch
 
 from lvm_ray.model import build_model, save_checkpoint
@@ -19,3 +24,21 @@ def tiny_checkpoint(url: str, preset: str = "lvm-cpu", seed: int = 0) -> str:
     model.eval()
     save_checkpoint(url, model, get_preset(preset), epoch=0, metrics={"note": "untrained test model"})
     return url
+
+
+def interrupt_when_ready(
+    proc: subprocess.Popen, ready: Callable[[], object], what: str, stop: int, code: int, timeout_s: float = 180
+) -> str:
+    """Wait (up to 240 s) until ``ready()``, send ``stop`` to ``proc``'s process group (as a terminal
+    does on Ctrl-C), and check the stage ended with exit ``code`` and its one interrupted line:
+    no traceback, no stack dump of Ray's own SIGTERM handler. Returns its stderr."""
+    deadline = time.time() + 240
+    while time.time() < deadline and not ready():
+        assert proc.poll() is None, f"{what} ended before it could be interrupted: {proc.communicate()}"
+        time.sleep(0.2)
+    os.killpg(proc.pid, stop)
+    _, stderr = proc.communicate(timeout=timeout_s)
+    assert proc.returncode == code, (proc.returncode, stderr[-2000:])
+    assert "interrupted: re-run the same command to resume" in stderr
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-2000:]
+    return stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from lvm_ray import store
 from lvm_ray.model import read_payload
 from lvm_ray.predict import INTERVAL_COLUMNS, Predictor, model_version
 from lvm_ray.score import ScoringError, format_summary, read_predictions, score
-from tests.helpers import tiny_checkpoint
+from tests.helpers import interrupt_when_ready, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -156,15 +155,7 @@ def test_ctrl_c_ends_scoring_in_one_line_and_the_rerun_completes(cohort, checkpo
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, **pipes)
     parts = out / "parts"
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(parts.glob("*.parquet")):
-        assert proc.poll() is None, f"scoring ended before it could be interrupted: {proc.communicate()}"
-        time.sleep(0.2)
-    os.killpg(proc.pid, stop)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == code, (proc.returncode, stderr[-2000:])
-    assert "interrupted: re-run the same command to resume" in stderr
-    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-2000:]
+    interrupt_when_ready(proc, lambda: list(parts.glob("*.parquet")), "scoring", stop, code, timeout_s=120)
     partial = read_predictions(str(out), columns=["ecg_id"])
     assert 0 < len(partial) < 240, len(partial)
     result = score(cohort, checkpoint, str(out), batch_size=32, num_actors=2)

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from lvm_ray.splits import SPLIT_CODES, SplitSpec
 from lvm_ray.stats import auroc
 from lvm_ray.train import build_trainer, evaluate_run, train
 from lvm_ray.train_inputs import CachedInputs
+from tests.helpers import interrupt_when_ready
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -440,15 +440,7 @@ def test_ctrl_c_ends_training_in_one_line_and_the_rerun_resumes(ray_cluster, coh
         except (OSError, ValueError, KeyError):
             return 0
 
-    deadline = time.time() + 240
-    while time.time() < deadline and not committed():
-        assert proc.poll() is None, f"training ended before it could be interrupted: {proc.communicate()}"
-        time.sleep(0.2)
-    os.killpg(proc.pid, stop)
-    _, stderr = proc.communicate(timeout=180)
-    assert proc.returncode == code, (proc.returncode, stderr[-2000:])
-    assert "interrupted: re-run the same command to resume" in stderr
-    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-2000:]
+    interrupt_when_ready(proc, committed, "training", stop, code)
     done = len(metrics.read_text().splitlines())
     assert 1 <= done < 30
     result = train(cohort, str(run), preset="lvm-cpu", num_workers=2, max_epochs=done + 1, batch_size=16)
