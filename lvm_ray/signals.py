@@ -14,7 +14,6 @@ from datetime import datetime
 from fractions import Fraction
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from lvm_ray.schema import (
     DURATION_S,
@@ -124,6 +123,8 @@ def resample_to_canonical(samples: np.ndarray, sample_rate_hz: float) -> np.ndar
     samples = np.asarray(samples, dtype=np.float64)
     if sample_rate_hz == SAMPLE_RATE_HZ:
         return samples
+    from scipy.signal import resample_poly  # here: scipy.signal costs ~1 s to import, most never call it
+
     ratio = Fraction(SAMPLE_RATE_HZ) / Fraction(sample_rate_hz).limit_denominator(1000)
     return resample_poly(samples, ratio.numerator, ratio.denominator, axis=-1, padtype="line")
 
@@ -142,6 +143,8 @@ def decimation_taps(decimation: int) -> tuple[np.ndarray, int]:
     Read off resample_poly itself (its response at one output sample to impulses around it), so
     it follows whatever filter scipy designs; zero taps at the ends are trimmed.
     """
+    from scipy.signal import resample_poly
+
     q = int(decimation)
     reach = 30 * q  # scipy's filter has 10 * q taps each side: a wide margin
     length = 4 * reach

@@ -397,6 +397,7 @@ def _interruptible_trainer() -> type:
     the fit)."""
     import ray
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback  # Ray is pinned (2.60)
 
     from lvm_ray.ray_utils import interrupting_on_sigterm, stop_on_sigterm
 
@@ -414,6 +415,14 @@ def _interruptible_trainer() -> type:
             # SIGTERM too (kill, a scheduler's time limit) when the CLI asked for it (ray_utils.sigterm_interrupts).
             if interrupting_on_sigterm():
                 signal.signal(signal.SIGTERM, on_signal)
+
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            # Cached inputs, no Ray Datasets: Ray Train would still start a DatasetManager actor for
+            # none (one more process per fit, ~2 s of a core while the workers start).
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
     return InterruptibleTorchTrainer
 

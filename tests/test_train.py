@@ -38,7 +38,7 @@ from lvm_ray.runs import FaultInjection, TrainError, make_config
 from lvm_ray.splits import SPLIT_CODES, SplitSpec
 from lvm_ray.stats import auroc
 from lvm_ray.train import build_trainer, evaluate_run, train
-from lvm_ray.train_inputs import CachedInputs
+from lvm_ray.train_inputs import CACHED, CachedInputs
 from tests.helpers import interrupt_when_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,6 +211,19 @@ def test_ray_train_settings_last_one_fit_and_keep_the_users(ray_cluster, monkeyp
     with _ray_train_env():
         assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+
+
+def test_a_fit_on_cached_inputs_starts_no_dataset_manager(ray_cluster, tmp_path):
+    """Ray Train starts a DatasetManager actor (a process) per fit even without Ray Datasets; with
+    the inputs cached in the object store there are none, so none is started. Streamed inputs keep it."""
+    import ray
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    cfg = make_config("data", str(tmp_path / "run"), "lvm-cpu")
+    cached = build_trainer(cfg, {CACHED: object()})._create_default_callbacks()
+    assert cached and not any(isinstance(c, DatasetsCallback) for c in cached)
+    streamed = build_trainer(cfg, {"train": ray.data.range(4), "val": ray.data.range(2)})._create_default_callbacks()
+    assert sum(isinstance(c, DatasetsCallback) for c in streamed) == 1
 
 
 def test_trainer_picks_gpus_and_nccl_when_asked(tmp_path):
