@@ -119,11 +119,10 @@ def test_killed_scoring_job_completes_on_rerun(cohort, checkpoint, tmp_path, ray
     assert set(final.ecg_id) == ids
 
 
-@pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_ends_scoring_in_one_line_and_the_rerun_completes(cohort, checkpoint, tmp_path, ray_cluster, stop, code):
-    """SIGINT to `lvm-ray score` (as Ctrl-C sends it) or SIGTERM (`kill`, SLURM at a time limit):
-    exit 130 / 143, one line (not the stack dump of Ray's own SIGTERM handler), parts kept, a
-    re-run resumes."""
+def test_ctrl_c_or_sigterm_ends_scoring_in_one_line_and_each_rerun_resumes(cohort, checkpoint, tmp_path, ray_cluster):
+    """SIGINT to `lvm-ray score` (as Ctrl-C sends it) part-way; the same command again resumes, and
+    SIGTERM (`kill`, SLURM at a time limit) part-way through that. Each time exit 130 / 143, one line
+    (not the stack dump of Ray's own SIGTERM handler), the parts kept; the next run completes."""
     out = tmp_path / "preds"
     script = textwrap.dedent(
         f"""
@@ -153,13 +152,24 @@ def test_ctrl_c_ends_scoring_in_one_line_and_the_rerun_completes(cohort, checkpo
     )
     # Its own process group, as a terminal's foreground job: SIGINT to the group is Ctrl-C.
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, **pipes)
     parts = out / "parts"
-    interrupt_when_ready(proc, lambda: list(parts.glob("*.parquet")), "scoring", stop, code, timeout_s=120)
-    partial = read_predictions(str(out), columns=["ecg_id"])
-    assert 0 < len(partial) < 240, len(partial)
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", script], start_new_session=True, **pipes)
+
+    interrupt_when_ready(start(), lambda: list(parts.glob("*.parquet")), "scoring", signal.SIGINT, 130, timeout_s=120)
+    first = len(read_predictions(str(out), columns=["ecg_id"]))
+    assert 0 < first < 240, first
+    files = len(list(parts.glob("*.parquet")))
+
+    def wrote_a_part() -> bool:  # the rerun's own
+        return len(list(parts.glob("*.parquet"))) > files
+
+    stderr = interrupt_when_ready(start(), wrote_a_part, "the resumed scoring", signal.SIGTERM, 143, timeout_s=120)
+    second = len(read_predictions(str(out), columns=["ecg_id"]))
+    assert first < second < 240, (first, second, stderr[-2000:])
     result = score(cohort, checkpoint, str(out), batch_size=32, num_actors=2)
-    assert (result.n_skipped, result.n_scored) == (len(partial), 240 - len(partial))
+    assert (result.n_skipped, result.n_scored) == (second, 240 - second)
     final = read_predictions(str(out), columns=["ecg_id"])
     assert len(final) == 240 and final.ecg_id.is_unique
 
