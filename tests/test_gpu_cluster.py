@@ -1,12 +1,14 @@
 """--use-gpu on a cluster without GPUs yet: train and score wait for GPU nodes, then land on them.
 
-Each scenario runs this file as a script in its own process (its own Ray cluster, built with
-``ray.cluster_utils.Cluster``): a head with CPUs and no GPU and no autoscaler config, like a
-KubeRay cluster whose GPU group idles at 0 pods. The real job entrypoint (jobs/train.py or
+The scenarios run this file as a script in a process of its own, on one Ray cluster built with
+``ray.cluster_utils.Cluster``: a head with CPUs and no GPU and no autoscaler config, like a
+KubeRay cluster whose GPU group idles at 0 pods. The real job entrypoint (jobs/train.py, then
 jobs/score.py, as a RayJob runs them) is started against it with ``--use-gpu``; the script checks
 that it prints the wait line and asks Ray for GPUs (the demand an autoscaler acts on) instead of
 starting CPU workers, then adds a node with 2 fake GPUs and checks that the Ray Train workers
-(the predictor actor) are placed on that node. It stops there: torch sees no CUDA device here.
+(the predictor actor) are placed on that node. It stops there (torch sees no CUDA device here),
+stops the job, removes the node and waits until no GPU is asked for, so the next scenario starts
+from a cluster without GPUs again. Last, the autoscaler's node types are published.
 
 On an embedded local Ray (fixed size, no GPU), ``train --use-gpu`` fails at once in one line.
 """
@@ -32,7 +34,7 @@ RESULT = "RESULT "
 GPU_NODE_MARKER = "fake_gpu_node"
 
 # --------------------------------------------------------------------------------------------
-# the scenario (runs as a script: `python tests/test_gpu_cluster.py train|score WORKDIR`)
+# the scenarios (run as a script: `python tests/test_gpu_cluster.py WORKDIR`)
 
 
 def _free_port() -> int:
@@ -93,9 +95,9 @@ def _gpu_demand() -> list[dict[str, float]]:
     return [dict(b) for b in bundles if b.get("GPU", 0) > 0]
 
 
-def _scenario(stage: str, workdir: Path) -> dict[str, Any]:
+def _stage_scenario(cluster: Any, stage: str, workdir: Path) -> dict[str, Any]:
+    """``--use-gpu`` on ``cluster`` (connected, no GPU): the wait, the demand, then the placement."""
     import ray
-    from ray.cluster_utils import Cluster
 
     from lvm_ray.model import build_model, save_checkpoint
     from lvm_ray.presets import get_preset
@@ -112,13 +114,7 @@ def _scenario(stage: str, workdir: Path) -> dict[str, Any]:
         args = ["--checkpoint", checkpoint, "--out", str(workdir / "predictions")]
         workers, actor_class = 1, "ScoreBatch"
 
-    # A CPU-only head, no autoscaler config: the GPUs can only come from nodes that join later.
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 4, "num_gpus": 0, "dashboard_port": _free_port()},
-    )
     gpu_node = None
-    ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
     head_id = ray.get_runtime_context().get_node_id()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("LVM_RAY_ADDRESS", None)
@@ -168,42 +164,63 @@ def _scenario(stage: str, workdir: Path) -> dict[str, Any]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        ray.shutdown()
         if gpu_node is not None:
-            cluster.remove_node(gpu_node, allow_graceful=False)
-        cluster.shutdown()
+            cluster.remove_node(gpu_node, allow_graceful=True)
+        # The next scenario starts without GPUs: the node gone from the GCS's view, and the job's
+        # requests (they go with its driver) no longer pending.
+        deadline = time.monotonic() + 120
+        while (_gpu_demand() or ray.cluster_resources().get("GPU", 0)) and time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
 def _ceiling_scenario() -> dict[str, Any]:
     """An autoscaler that published its node types (a CPU head type, a 2-GPU type up to 1 node):
-    what resolve_gpu decides for requests it can and cannot ever meet."""
+    what resolve_gpu decides for requests it can and cannot ever meet (connected, no GPU node)."""
     import contextlib
     import io
 
     import ray
-    from ray.cluster_utils import Cluster
     from ray.core.generated import autoscaler_pb2
 
-    from lvm_ray.ray_utils import ClusterError, ensure_connected, resolve_gpu
+    from lvm_ray.ray_utils import ClusterError, resolve_gpu
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": _free_port()})
+    config = autoscaler_pb2.ClusterConfig()
+    for name, resources, count in (("head", {"CPU": 2}, 1), ("gpu-2x", {"CPU": 8, "GPU": 2}, 1)):
+        group = autoscaler_pb2.NodeGroupConfig(name=name, max_count=count)
+        group.resources.update(resources)
+        config.node_group_configs.append(group)
+    ray._private.worker.global_worker.gcs_client.report_cluster_config(config.SerializeToString())
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        fits = resolve_gpu(None, workers=2, stage="train")
+    try:
+        resolve_gpu(True, workers=4, stage="train")
+        too_many = None
+    except ClusterError as exc:
+        too_many = str(exc)
+    return {"fits": fits, "printed": printed.getvalue(), "too_many": too_many}
+
+
+def _scenarios(workdir: Path) -> dict[str, Any]:
+    """Every scenario on one cluster (a cluster and a process each cost ~10 s): train, score, ceiling."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from lvm_ray.ray_utils import ensure_connected
+
+    # A CPU-only head, no autoscaler config: the GPUs can only come from nodes that join later.
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "num_gpus": 0, "dashboard_port": _free_port()},
+    )
     try:
         ensure_connected(cluster.address)
-        config = autoscaler_pb2.ClusterConfig()
-        for name, resources, count in (("head", {"CPU": 2}, 1), ("gpu-2x", {"CPU": 8, "GPU": 2}, 1)):
-            group = autoscaler_pb2.NodeGroupConfig(name=name, max_count=count)
-            group.resources.update(resources)
-            config.node_group_configs.append(group)
-        ray._private.worker.global_worker.gcs_client.report_cluster_config(config.SerializeToString())
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            fits = resolve_gpu(None, workers=2, stage="train")
-        try:
-            resolve_gpu(True, workers=4, stage="train")
-            too_many = None
-        except ClusterError as exc:
-            too_many = str(exc)
-        return {"fits": fits, "printed": printed.getvalue(), "too_many": too_many}
+        results = {}
+        for stage in ("train", "score"):
+            (workdir / stage).mkdir(parents=True, exist_ok=True)
+            results[stage] = _stage_scenario(cluster, stage, workdir / stage)
+        results["ceiling"] = _ceiling_scenario()  # last: the node types it publishes stay published
+        return results
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -213,9 +230,12 @@ def _ceiling_scenario() -> dict[str, Any]:
 # the tests
 
 
-def _run_scenario(stage: str, tmp_path: Path) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The scenarios' results, run once in their own process: {"train", "score", "ceiling"}."""
+    workdir = tmp_path_factory.mktemp("gpu_cluster")
     proc = subprocess.run(
-        [sys.executable, __file__, stage, str(tmp_path)],
+        [sys.executable, __file__, str(workdir)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -227,8 +247,8 @@ def _run_scenario(stage: str, tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_train_use_gpu_waits_for_gpu_nodes_and_places_its_workers_there(tmp_path: Path) -> None:
-    result = _run_scenario("train", tmp_path)
+def test_train_use_gpu_waits_for_gpu_nodes_and_places_its_workers_there(scenarios: dict[str, Any]) -> None:
+    result = scenarios["train"]
     # It said it waits, and asked Ray for 2 x (1 CPU + 1 GPU): the autoscaler's cue.
     assert "[lvm-ray] train: waiting for 2 GPU worker(s) (0 GPU in the cluster now" in result["wait_line"]
     assert [b for b in result["demand"] if b.get("GPU") == 1.0], result["demand"]
@@ -244,8 +264,8 @@ def test_train_use_gpu_waits_for_gpu_nodes_and_places_its_workers_there(tmp_path
 
 
 @pytest.mark.slow
-def test_score_use_gpu_waits_for_a_gpu_node_and_places_its_predictor_there(tmp_path: Path) -> None:
-    result = _run_scenario("score", tmp_path)
+def test_score_use_gpu_waits_for_a_gpu_node_and_places_its_predictor_there(scenarios: dict[str, Any]) -> None:
+    result = scenarios["score"]
     assert "[lvm-ray] score: waiting for 1 GPU worker(s) (0 GPU in the cluster now" in result["wait_line"]
     assert [b for b in result["demand"] if b.get("GPU") == 1.0], result["demand"]
     # The predictor actor waited (queued, not created) rather than starting on the CPU-only head,
@@ -255,10 +275,10 @@ def test_score_use_gpu_waits_for_a_gpu_node_and_places_its_predictor_there(tmp_p
 
 
 @pytest.mark.slow
-def test_gpu_requests_are_checked_against_the_autoscalers_node_types(tmp_path: Path) -> None:
+def test_gpu_requests_are_checked_against_the_autoscalers_node_types(scenarios: dict[str, Any]) -> None:
     """With node types published (at most 1 node x 2 GPUs), 2 GPU workers are a wait for the
     autoscaler, even by default; 4 can never be placed and fail at once, naming the node types."""
-    result = _run_scenario("ceiling", tmp_path)
+    result = scenarios["ceiling"]
     assert result["fits"] is True
     assert result["printed"].startswith("[lvm-ray] train: waiting for 2 GPU worker(s) (0 GPU in the cluster now; ")
     assert "the autoscaler adds GPU nodes on demand" in result["printed"]
@@ -293,5 +313,4 @@ def test_train_use_gpu_on_a_laptop_without_gpu_fails_in_one_line(tmp_path: Path,
 
 
 if __name__ == "__main__":
-    summary = _ceiling_scenario() if sys.argv[1] == "ceiling" else _scenario(sys.argv[1], Path(sys.argv[2]))
-    print(RESULT + json.dumps(summary), flush=True)
+    print(RESULT + json.dumps(_scenarios(Path(sys.argv[1]))), flush=True)
