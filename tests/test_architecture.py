@@ -71,3 +71,14 @@ def test_only_ray_utils_calls_ray_init():
         if "ray.init(" in path.read_text() and path.name != "ray_utils.py"
     ]
     assert callers == []
+
+
+def test_the_cli_and_the_training_workers_import_no_scipy_signal_or_stats():
+    """Each costs ~1 s to import, in every `lvm-ray` call and every Ray Train process (driver,
+    controller, workers); they are imported where they are used (resampling, the voltage rules,
+    evaluation), not by the modules that only name them."""
+    heavy = "('scipy.signal', 'scipy.stats')"
+    code = f"import sys, lvm_ray.cli, lvm_ray.train; print(sorted(m for m in {heavy} if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ast.literal_eval(proc.stdout.strip().splitlines()[-1]) == []
