@@ -104,6 +104,8 @@ def ensure_connected(
         return
     try:
         _connect(address, verbose=verbose, num_cpus=num_cpus, timeout_s=timeout_s, dashboard=dashboard)
+        if not verbose:
+            _spend_the_actor_restart_warning()
     finally:
         # ray.init put the driver's own SIGTERM handler in place of ours.
         if _SESSION.sigterm_interrupts and threading.current_thread() is threading.main_thread():
@@ -155,6 +157,42 @@ def _connect(address: str | None, *, verbose: bool, num_cpus: int | None, timeou
     )
     _SESSION.embedded, _SESSION.verbose = True, verbose
     log.info("started a local Ray with %d logical CPUs", cpus)
+
+
+#: A resource no node has: the actor of :func:`_spend_the_actor_restart_warning` is never scheduled.
+_NEVER_SCHEDULED = "lvm_ray_never_scheduled"
+
+
+def _spend_the_actor_restart_warning() -> None:
+    """Keep Ray's "actor restart will fail" line (ray-project/ray#53727) off the console.
+
+    Ray's core worker logs it once per process, at ERROR, when an actor with restarts gets
+    constructor arguments in the object store, and copies every ERROR line to the driver's stderr
+    besides its log file. Every Ray Data actor pool (scoring, evaluation, rules) is such an actor,
+    so each stage printed it. Spent here: one such actor, never scheduled and killed at once,
+    created while stderr points at /dev/null; the line stays in Ray's driver log.
+    """
+
+    @ray.remote(num_cpus=0, resources={_NEVER_SCHEDULED: 1}, max_restarts=1)
+    class _NeverScheduled:
+        def __init__(self, argument: object) -> None:
+            pass
+
+    try:
+        argument = ray.put(None)  # in the object store: the condition Ray warns about
+        stderr = os.dup(2)
+    except Exception as exc:  # a cosmetic step: it never stops a stage
+        log.debug("could not pre-empt Ray's actor-restart warning: %s", exc)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        actor = _NeverScheduled.remote(argument)  # the line is logged here, synchronously
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        os.close(devnull)
+    ray.kill(actor)
 
 
 class Terminated(KeyboardInterrupt):
