@@ -95,7 +95,7 @@ class Progress:
         if share >= self._next_line or self.done >= self.total:
             elapsed = _now() - self._started
             rate = (self.done - self._start_done) / elapsed if elapsed > 0.5 else float("nan")
-            pace = f", {rate:.0f} {self.unit}s/s, ETA {(self.total - self.done) / rate:.0f} s" if rate > 0 else ""
+            pace = f", {_pace(rate, self.unit)}, ETA {(self.total - self.done) / rate:.0f} s" if rate > 0 else ""
             print(
                 f"{self.label}: {self.done}/{self.total} {self.unit}s ({share:.0%}{pace})", file=sys.stderr, flush=True
             )
@@ -112,6 +112,15 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pace(rate: float, unit: str) -> str:
+    """"296 ECGs/s", "2.5 ECGs/s", or for slow steps (explanations: seconds each) "3.9 s/ECG"."""
+    if rate >= 10:
+        return f"{rate:.0f} {unit}s/s"
+    if rate >= 1:
+        return f"{rate:.1f} {unit}s/s"
+    return f"{1 / rate:.1f} s/{unit}"
 
 
 def _now() -> float:
