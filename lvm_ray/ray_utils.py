@@ -178,21 +178,29 @@ def _spend_the_actor_restart_warning() -> None:
         def __init__(self, argument: object) -> None:
             pass
 
+    # A cosmetic step: whatever goes wrong here (Ray Client, no fd 2) is logged and the stage goes on.
     try:
         argument = ray.put(None)  # in the object store: the condition Ray warns about
         stderr = os.dup(2)
-    except Exception as exc:  # a cosmetic step: it never stops a stage
+    except Exception as exc:
         log.debug("could not pre-empt Ray's actor-restart warning: %s", exc)
         return
     devnull = os.open(os.devnull, os.O_WRONLY)
+    actor, error = None, None
     try:
         os.dup2(devnull, 2)
         actor = _NeverScheduled.remote(argument)  # the line is logged here, synchronously
+    except Exception as exc:
+        error = exc
     finally:
         os.dup2(stderr, 2)
         os.close(stderr)
         os.close(devnull)
-    ray.kill(actor)
+    if error is not None:
+        log.debug("could not pre-empt Ray's actor-restart warning: %s", error)
+    if actor is not None:
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
 
 
 class Terminated(KeyboardInterrupt):

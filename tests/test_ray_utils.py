@@ -43,3 +43,28 @@ def test_unreachable_address_fails_fast_with_the_address(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert time.monotonic() - started < 30
     assert "ERR no Ray cluster answers at 127.0.0.1:9" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_warning_step_never_stops_a_stage_and_gives_stderr_back(ray_cluster, monkeypatch, capfd):
+    """Keeping Ray's actor-restart line off the console is cosmetic: if creating its actor fails
+    (Ray Client, an odd cluster), the stage goes on, and fd 2 is the console again afterwards."""
+    import os
+
+    import ray
+
+    from lvm_ray import ray_utils
+
+    class Refuses:
+        def __init__(self, cls: object) -> None:
+            pass
+
+        def remote(self, *args: object) -> None:
+            raise RuntimeError("no actors here")
+
+    before = os.fstat(2)
+    monkeypatch.setattr(ray, "remote", lambda **options: Refuses)
+    ray_utils._spend_the_actor_restart_warning()  # no exception
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    os.write(2, b"still the console\n")
+    assert "still the console" in capfd.readouterr().err
