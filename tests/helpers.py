@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -24,6 +25,13 @@ def tiny_checkpoint(url: str, preset: str = "lvm-cpu", seed: int = 0) -> str:
     model.eval()
     save_checkpoint(url, model, get_preset(preset), epoch=0, metrics={"note": "untrained test model"})
     return url
+
+
+def start_as_foreground_job(script: str) -> subprocess.Popen:
+    """``python -c script`` in its own process group, as a terminal's foreground job (SIGINT to the
+    group is Ctrl-C), its stdout and stderr piped as text."""
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    return subprocess.Popen([sys.executable, "-c", script], start_new_session=True, **pipes)
 
 
 def interrupt_when_ready(

@@ -16,7 +16,7 @@ from lvm_ray import store
 from lvm_ray.model import read_payload
 from lvm_ray.predict import INTERVAL_COLUMNS, Predictor, model_version
 from lvm_ray.score import ScoringError, format_summary, read_predictions, score
-from tests.helpers import interrupt_when_ready, tiny_checkpoint
+from tests.helpers import interrupt_when_ready, start_as_foreground_job, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +150,16 @@ def test_ctrl_c_or_sigterm_ends_scoring_in_one_line_and_each_rerun_resumes(cohor
              "--batch-size", "8", "--num-actors", "1", "--address", {ray_cluster.get_runtime_context().gcs_address!r}])
         """
     )
-    # Its own process group, as a terminal's foreground job: SIGINT to the group is Ctrl-C.
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     parts = out / "parts"
 
-    def start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", script], start_new_session=True, **pipes)
-
-    interrupt_when_ready(start(), lambda: list(parts.glob("*.parquet")), "scoring", signal.SIGINT, 130, timeout_s=120)
+    interrupt_when_ready(
+        start_as_foreground_job(script),
+        lambda: list(parts.glob("*.parquet")),
+        "scoring",
+        signal.SIGINT,
+        130,
+        timeout_s=120,
+    )
     first = len(read_predictions(str(out), columns=["ecg_id"]))
     assert 0 < first < 240, first
     files = len(list(parts.glob("*.parquet")))
@@ -165,7 +167,9 @@ def test_ctrl_c_or_sigterm_ends_scoring_in_one_line_and_each_rerun_resumes(cohor
     def wrote_a_part() -> bool:  # the rerun's own
         return len(list(parts.glob("*.parquet"))) > files
 
-    stderr = interrupt_when_ready(start(), wrote_a_part, "the resumed scoring", signal.SIGTERM, 143, timeout_s=120)
+    stderr = interrupt_when_ready(
+        start_as_foreground_job(script), wrote_a_part, "the resumed scoring", signal.SIGTERM, 143, timeout_s=120
+    )
     second = len(read_predictions(str(out), columns=["ecg_id"]))
     assert first < second < 240, (first, second, stderr[-2000:])
     result = score(cohort, checkpoint, str(out), batch_size=32, num_actors=2)

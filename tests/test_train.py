@@ -39,7 +39,7 @@ from lvm_ray.splits import SPLIT_CODES, SplitSpec
 from lvm_ray.stats import auroc
 from lvm_ray.train import build_trainer, evaluate_run, train
 from lvm_ray.train_inputs import CACHED, CachedInputs
-from tests.helpers import interrupt_when_ready
+from tests.helpers import interrupt_when_ready, start_as_foreground_job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -442,8 +442,6 @@ def test_ctrl_c_or_sigterm_ends_training_in_one_line_and_each_rerun_resumes(ray_
              "--address", {ray_cluster.get_runtime_context().gcs_address!r}])
         """
     )
-    # Its own process group, as a terminal's foreground job: SIGINT to the group is Ctrl-C.
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     snapshot = run / "ray" / "checkpoint_manager_snapshot.json"
 
     def committed() -> int:  # the last epoch whose checkpoint Ray Train has recorded
@@ -452,13 +450,12 @@ def test_ctrl_c_or_sigterm_ends_training_in_one_line_and_each_rerun_resumes(ray_
         except (OSError, ValueError, KeyError, TypeError):
             return 0
 
-    def start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", script], start_new_session=True, **pipes)
-
-    interrupt_when_ready(start(), committed, "training", signal.SIGINT, 130)
+    interrupt_when_ready(start_as_foreground_job(script), committed, "training", signal.SIGINT, 130)
     first = committed()
     assert 1 <= first < 30
-    interrupt_when_ready(start(), lambda: committed() > first, "the resumed training", signal.SIGTERM, 143)
+    interrupt_when_ready(
+        start_as_foreground_job(script), lambda: committed() > first, "the resumed training", signal.SIGTERM, 143
+    )
     second = committed()
     assert first < second < 30
     result = train(cohort, str(run), preset="lvm-cpu", num_workers=2, max_epochs=second + 1, batch_size=16)
